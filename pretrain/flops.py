@@ -51,6 +51,8 @@ def count_params(model_cfg: Any) -> dict[str, int]:
     Returns {"total", "embedding", "nonembed"}: `embedding` is the token embedding
     [vocab, d] + the output layer [d, vocab] when untied + learned positions [max_seq_len, d]
     when `position == "learned"`; `nonembed = total - embedding` (blocks and final norm).
+    Norms (the two per block, the final one, and the q/k norms of `qk_norm` over head_dim) have
+    a scale, plus a bias when `norm == "layernorm"` and `use_bias`, as in `pretrain.model.Norm`.
     """
     m = model_cfg
     _check(m)
@@ -64,10 +66,12 @@ def count_params(model_cfg: Any) -> dict[str, int]:
     if m.position == "learned":
         embedding += m.max_seq_len * d
 
-    norm = d * (2 if m.norm == "layernorm" else 1)  # scale [d] (+ bias [d])
+    # Every norm has a scale; LayerNorm also has a bias when use_bias (scale-only otherwise, as OLMo).
+    per_dim = 2 if m.norm == "layernorm" and m.use_bias else 1
+    norm = per_dim * d
     layer = _layer_matmul_params(m) + 2 * norm
     if m.qk_norm:
-        layer += 2 * m.head_dim  # one scale [head_dim] for q, one for k
+        layer += 2 * per_dim * m.head_dim  # one norm over head_dim for q, one for k
     if m.use_bias:
         layer += q_dim + 2 * kv_dim + d  # q, k, v, o output dims
         layer += (2 * m.d_ff if m.mlp == "swiglu" else m.d_ff) + d  # gate/up, down

@@ -122,3 +122,14 @@ def test_cpu_cache_key_mismatch_measures_again(tmp_path, monkeypatch):
 
 def test_cpu_measurement_runs():
     assert flops.measure_cpu_matmul_flops(n=128, repeats=2) > 1e6
+
+
+def test_norm_bias_only_with_layernorm_and_use_bias():
+    base = dict(vocab_size=10, d_model=4, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=2, d_ff=8,
+                norm="layernorm", position="rope", mlp="gelu", tie_embeddings=True, qk_norm=True)
+    no_bias = flops.count_params(model(**base, use_bias=False))["nonembed"]
+    with_bias = flops.count_params(model(**base, use_bias=True))["nonembed"]
+    # biases: dense q,k,v,o 4+4+4+4, mlp 8+4; norm biases: 2 blocks' norms + final 3*4, q/k norms 2*2
+    assert with_bias - no_bias == 16 + 12 + 12 + 4
+    rms = flops.count_params(model(**{**base, "norm": "rmsnorm"}, use_bias=True))["nonembed"]
+    assert with_bias - rms == 12 + 4
