@@ -1,0 +1,70 @@
+"""`danlu` command line: each subcommand parses its arguments and calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(args) -> int:
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
+          + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
+          + f"; run directory {summary['run_dir']}")
+    return 0
+
+
+def _demo(args) -> int:
+    from pretrain.demo import run_demo
+
+    run_demo(args.workdir, minutes=args.minutes, steps=args.steps)
+    return 0
+
+
+def _tokenize_parser(sub) -> None:
+    from data_pipeline import tokenize
+
+    p = sub.add_parser("tokenize", help="train a sentencepiece model and/or encode documents into token shards")
+    tokenize.add_arguments(p)
+    p.set_defaults(func=tokenize.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="danlu", description="Clean data, pretrain decoder-only LMs, predict big runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the embedded end-to-end job: corpus -> tokenizer -> shards -> tiny model -> loss.png")
+    p.add_argument("--workdir", default="demo", help="where everything goes (default: ./demo)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: 3)")
+    p.add_argument("--steps", type=int, default=600, help="training steps at most (default: 600)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="pretrain a decoder on token shards",
+                       description="Pretrain. Overrides are dotted key=value pairs after the config file, e.g. "
+                                   "`danlu train configs/train/tiny.yaml mesh.fsdp=-1 train.steps=100`.")
+    p.add_argument("config", help="YAML preset (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=512 mesh.tensor=2")
+    p.set_defaults(func=_train)
+
+    _tokenize_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"danlu: invalid config: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Decoder-only transformer in Flax NNX, expressive enough for the GPT-2 and LLaMA families.
+
+Shape letters: B batch, T sequence, D d_model, N query heads, K kv heads, H head_dim, F d_ff,
+V vocabulary, L layers. Every parameter carries ``logical_axes`` metadata; the config's rules map
+them to mesh axes (pretrain/sharding.py).
+
+Layer parameters are stacked along a leading ``layers`` axis whether or not the forward pass
+scans, so ``model.scan_layers`` only changes how the computation is expressed, not the
+parameters (scan and unrolled are compared on identical weights in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain.config import ModelConfig
+from pretrain.sharding import shard
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _const(shape, axes, value: float, dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in fp32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, axis_name: str = "norm"):
+        dtype = _DTYPES[cfg.param_dtype]
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _const((dim,), (axis_name,), 1.0, dtype)
+        # GPT-2's LayerNorm has a bias; with use_bias off LayerNorm is scale-only (as in OLMo).
+        self.bias = _const((dim,), (axis_name,), 0.0, dtype) if cfg.norm == "layernorm" and cfg.use_bias else None
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (LLaMA / HF "rotate half" convention), computed in fp32."""
+    h = x_BxTxNxH.shape[-1]
+    freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq_H2
+    sin, cos = jnp.sin(angle_BxTxH2)[:, :, None, :], jnp.cos(angle_BxTxH2)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: jax.Array | None, t: int) -> jax.Array:
+    """Causal mask, restricted to the same packed document when segment ids are given. [B|1, 1, T, T]."""
+    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
+    if segment_ids_BxT is None:
+        return causal_TxT[None, None]
+    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal_TxT[None] & same_BxTxT)[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        dtype = _DTYPES[cfg.param_dtype]
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.cfg = cfg
+        self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, dtype)
+        self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, dtype)
+        self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, dtype)
+        self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, dtype)
+        if cfg.use_bias:
+            self.q_bias = _const((n, h), ("heads", "head_dim"), 0.0, dtype)
+            self.k_bias = _const((k, h), ("kv_heads", "head_dim"), 0.0, dtype)
+            self.v_bias = _const((k, h), ("kv_heads", "head_dim"), 0.0, dtype)
+            self.o_bias = _const((d,), ("norm",), 0.0, dtype)
+        if cfg.qk_norm:
+            self.q_norm = Norm(h, cfg)
+            self.k_norm = Norm(h, cfg)
+
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        cfg = self.cfg
+        cdt = x_BxTxD.dtype
+        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q[...].astype(cdt))
+        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k[...].astype(cdt))
+        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v[...].astype(cdt))
+        if cfg.use_bias:
+            q_BxTxNxH += self.q_bias[...].astype(cdt)
+            k_BxTxKxH += self.k_bias[...].astype(cdt)
+            v_BxTxKxH += self.v_bias[...].astype(cdt)
+        if cfg.qk_norm:
+            q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+        if cfg.position == "rope":
+            q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+            k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        q_BxTxNxH = shard(q_BxTxNxH, ("batch", "length", "act_heads", None))
+        k_BxTxKxH = shard(k_BxTxKxH, ("batch", "length", "act_heads", None))
+        v_BxTxKxH = shard(v_BxTxKxH, ("batch", "length", "act_heads", None))
+        segments = segment_ids_BxT if cfg.segment_masking else None
+        if cfg.attention == "splash":
+            from pretrain.splash import splash_attention  # TPU only; imported lazily
+
+            out_BxTxNxH = splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments)
+        elif segments is None:
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
+                implementation=None if cfg.attention == "xla" else "cudnn")
+        else:
+            mask = attention_mask(segments, x_BxTxD.shape[1])
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask,
+                implementation=None if cfg.attention == "xla" else "cudnn")
+        out_BxTxNxH = shard(out_BxTxNxH, ("batch", "length", "act_heads", None))
+        y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o[...].astype(cdt))
+        if cfg.use_bias:
+            y_BxTxD += self.o_bias[...].astype(cdt)
+        return y_BxTxD
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        dtype = _DTYPES[cfg.param_dtype]
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.kind, self.use_bias = cfg.mlp, cfg.use_bias
+        if cfg.mlp == "swiglu":
+            self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, dtype)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, dtype)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), out_std, dtype)
+        if cfg.use_bias:
+            if cfg.mlp == "swiglu":
+                self.gate_bias = _const((f,), ("mlp",), 0.0, dtype)
+            self.up_bias = _const((f,), ("mlp",), 0.0, dtype)
+            self.down_bias = _const((d,), ("norm",), 0.0, dtype)
+
+    def __call__(self, x_BxTxD):
+        cdt = x_BxTxD.dtype
+        up_BxTxF = x_BxTxD @ self.up[...].astype(cdt)
+        if self.use_bias:
+            up_BxTxF += self.up_bias[...].astype(cdt)
+        if self.kind == "swiglu":
+            gate_BxTxF = x_BxTxD @ self.gate[...].astype(cdt)
+            if self.use_bias:
+                gate_BxTxF += self.gate_bias[...].astype(cdt)
+            h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        else:
+            h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)  # GPT-2's tanh approximation
+        h_BxTxF = shard(h_BxTxF, ("batch", "length", "act_mlp"))
+        y_BxTxD = h_BxTxF @ self.down[...].astype(cdt)
+        if self.use_bias:
+            y_BxTxD += self.down_bias[...].astype(cdt)
+        return y_BxTxD
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.d_model, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return shard(x_BxTxD, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Token ids [B, T] -> final hidden states [B, T, D]; :meth:`unembedding` gives the [D, V] output matrix."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = _DTYPES[cfg.param_dtype]
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype)
+        if cfg.position == "learned":
+            self.pos_embed = _param(rngs, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.init_std, dtype)
+        # Stacked layers: build one Block per layer key under vmap, then name the new leading axis.
+        layer_keys = jax.random.split(rngs.params(), cfg.n_layers)
+        block_state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(params=key))))(layer_keys)
+        block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(params=0))))
+        self.blocks = nnx.merge(block_def, block_state)
+        for _, var in nnx.iter_graph(self.blocks):
+            if isinstance(var, nnx.Variable):
+                var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
+        self.final_norm = Norm(cfg.d_model, cfg)
+        if not cfg.tie_embeddings:
+            self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dtype)
+
+    def unembedding(self) -> jax.Array:
+        """The output projection [D, V] (the transposed token embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+
+    def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None):
+        cfg = self.cfg
+        cdt = _DTYPES[cfg.compute_dtype]
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(inputs_BxT.shape[1]), inputs_BxT.shape)
+        # Gather from the whole table (an explicit all-gather, as FSDP does for every weight):
+        # XLA cannot partition a gather on a sharded table efficiently.
+        table_VxD = shard(self.embed[...], (None, None))
+        x_BxTxD = jnp.take(table_VxD, inputs_BxT, axis=0).astype(cdt)
+        if cfg.position == "learned":
+            x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(cdt)
+        x_BxTxD = shard(x_BxTxD, ("batch", "length", "act_embed"))
+
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_BxTxD, layer_state):
+            block = nnx.merge(block_def, layer_state)
+            return block(x_BxTxD, positions_BxT, segment_ids_BxT), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, block_state)
+        else:
+            for i in range(cfg.n_layers):
+                x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a: a[i], block_state))
+        return self.final_norm(x_BxTxD)
+
+
+def init_model(cfg: ModelConfig, seed: int) -> Decoder:
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed))
