@@ -25,7 +25,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pretrain import checkpoint as ckpt_lib
 from pretrain.config import Config, ConfigError, validate
+from pretrain.data import make_eval_batches, make_train_iterator
+from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.loss import cross_entropy
 from pretrain.model import Decoder, init_model
 from pretrain.optimizer import make_optimizer
@@ -240,10 +243,6 @@ def evaluate(built: Built, params: dict, batches: list[dict]) -> float:
 
 def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) training; returns a summary with the final train and eval losses."""
-    from pretrain import checkpoint as ckpt_lib
-    from pretrain.data import make_eval_batches, make_train_iterator
-    from pretrain.flops import flops_per_token, peak_flops_per_device
-
     # --- setup: processes, config checks, run directory -------------------------------------
     _init_distributed()
     devices = devices if devices is not None else jax.devices()
