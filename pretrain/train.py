@@ -115,7 +115,7 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
             if param_sharding is not None:
                 zeros = jax.lax.with_sharding_constraint(zeros, param_sharding)
             (grads, ce, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), mbs)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce / n_tokens, "z_loss": z / n_tokens, "grad_norm": grad_norm,
