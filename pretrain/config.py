@@ -48,7 +48,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True  # False: a Python loop over layers (same parameters), for debugging
-    attention: str = "xla"  # xla | cudnn | splash (TPU Pallas kernel)
+    attention: str = "xla"  # xla | cudnn (GPU) | splash (TPU Pallas kernel; interpret mode elsewhere, for tests)
     segment_masking: bool = True  # packed documents do not attend to each other
 
     def __post_init__(self):

@@ -140,6 +140,9 @@ def build(cfg: Config, devices=None, mesh: Mesh | None = None) -> Built:
     """
     mesh = mesh or make_mesh(cfg, devices)
     validate(cfg, mesh.devices.size, jax.process_count())
+    platform = mesh.devices.flat[0].platform
+    if cfg.model.attention == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs, these devices are {platform}; use model.attention=xla")
     rules = cfg.rules
 
     abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.train.seed))
