@@ -270,9 +270,11 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     t = cfg.train
     pid, nproc = jax.process_index(), jax.process_count()
     train_iter = make_train_iterator(cfg.data, t.global_batch_size, seed=t.seed, process_index=pid,
-                                     process_count=nproc, start_step=start_step)
+                                     process_count=nproc, start_step=start_step,
+                                     vocab_size=cfg.model.vocab_size)
     eval_batches = make_eval_batches(cfg.data, t.global_batch_size, cfg.data.eval_batches,
-                                     process_index=pid, process_count=nproc) if cfg.data.eval_batches else []
+                                     process_index=pid, process_count=nproc, vocab_size=cfg.model.vocab_size
+                                     ) if cfg.data.eval_batches else []
 
     # --- accounting: FLOPs per token against the peak of these chips --------------------------
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
