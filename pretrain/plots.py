@@ -27,7 +27,7 @@ def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss", lw=1.4)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"danlu: {Path(run_dir).name}")
+    ax.set_title(f"danlu: {Path(run_dir)}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -347,7 +347,7 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
         if bar is not None:
             bar.close()
         if manager is not None:
-            if int(step) > start_step:
+            if step > start_step and manager.latest_step() != step:
                 ckpt_lib.save(manager, step, state, force=True)
             manager.wait_until_finished()
             manager.close()
