@@ -70,7 +70,7 @@ BAD = [
     (["mesh.tensor=3"], 8, "do not divide the 8 devices per slice"),
     (["data.seq_len=4096"], 8, "data.seq_len=4096 exceeds model.max_seq_len=512"),
     (["train.vocab_chunk=1000"], 8, "train.vocab_chunk=1000 must divide model.vocab_size=4096"),
-    (["optimizer.warmup_steps=5000"], 8, "optimizer.warmup_steps=5000 must be smaller than train.steps=600"),
+    (["optimizer.warmup_steps=5000", "train.steps=600"], 8, "optimizer.warmup_steps=5000 must be smaller than train.steps=600"),
     (["model.vocab_size=4097", "mesh.tensor=2", "mesh.fsdp=4"], 8, "model.vocab_size=4097 is not divisible by mesh.tensor=2"),
     (["model.head_dim=33"], 8, "must be even for rotary position embeddings"),
     (["mesh.dcn_data=3"], 8, "mesh.dcn_data=3 slices do not divide the 8 devices"),
