@@ -200,8 +200,9 @@ def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -
 
 def _init_distributed() -> None:
     """Joins a multi-process job when the environment describes one (TPU pods set it themselves)."""
-    if jax.process_count() > 1 or os.environ.get("DANLU_COORDINATOR") is None:
+    if os.environ.get("DANLU_COORDINATOR") is None or jax.distributed.is_initialized():
         return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU devices (fake pods)
     jax.distributed.initialize(coordinator_address=os.environ["DANLU_COORDINATOR"],
                                num_processes=int(os.environ["DANLU_NUM_PROCESSES"]),
                                process_id=int(os.environ["DANLU_PROCESS_ID"]))
