@@ -46,10 +46,21 @@ def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
 
 
-def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float], float]:
+def _busy_cpu_seconds() -> float:
+    """CPU seconds spent busy by the whole machine so far (all processes, all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def time_steps(step, warmup: int, steps: int) -> dict:
     """Runs `step()` (which must block until done and return the loss) warmup + steps times.
 
-    Returns (timed step seconds, losses, seconds of the first step, i.e. with compilation).
+    Returns the timed step seconds, the losses, the first step's seconds (with compilation) and
+    `other_cpu_cores`: how many cores other processes kept busy on average during the timed
+    steps (machine busy time minus ours, over wall time). Well above 0 means the figures are
+    contaminated by someone else's work and should be rerun.
     """
     t0 = time.perf_counter()
     losses = [step()]
@@ -57,11 +68,14 @@ def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float],
     for _ in range(warmup - 1):
         losses.append(step())
     times = []
+    busy0, self0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    return times, losses, first
+    other = (_busy_cpu_seconds() - busy0) - (time.process_time() - self0)
+    return {"times": times, "losses": losses, "first_step_s": first,
+            "other_cpu_cores": max(0.0, other / (time.perf_counter() - wall0))}
 
 
 # --- danlu side --------------------------------------------------------------------------------
@@ -89,9 +103,7 @@ def run_danlu(args) -> dict:
         state, metrics = built.train_step(state, batch)
         return float(jax.block_until_ready(metrics["loss"]))
 
-    times, losses, first = time_steps(step, args.warmup, args.steps)
-    return {"times": times, "losses": losses, "first_step_s": first,
-            "n_devices": jax.device_count(), "d_ff": cfg.model.d_ff}
+    return {**time_steps(step, args.warmup, args.steps), "n_devices": jax.device_count()}
 
 
 # --- torch side --------------------------------------------------------------------------------
@@ -149,9 +161,8 @@ def run_torch(args) -> dict:
         sched.step()
         return loss.item()
 
-    times, losses, first = time_steps(step, args.warmup, args.steps)
-    return {"times": times, "losses": losses, "first_step_s": first, "n_devices": 1,
-            "n_params": n_params, "threads": torch.get_num_threads()}
+    return {**time_steps(step, args.warmup, args.steps), "n_devices": 1, "n_params": n_params,
+            "threads": torch.get_num_threads()}
 
 
 # --- harness -----------------------------------------------------------------------------------
@@ -256,11 +267,13 @@ def main(argv=None) -> None:
             row[side] = {"step_s": step_s, "step_s_min": min(r["times"]), "step_s_max": max(r["times"]),
                          "tokens_per_sec": tps, "mfu": mfu(tps, fpt, r["n_devices"], peak),
                          "first_step_s": r["first_step_s"], "loss_first": r["losses"][0],
-                         "loss_last": r["losses"][-1]}
+                         "loss_last": r["losses"][-1], "other_cpu_cores": r["other_cpu_cores"]}
             if side == "torch" and r["n_params"] != row["params"]:
                 print(f"# warning: torch model has {r['n_params']} parameters, danlu {row['params']}", flush=True)
+            busy = r["other_cpu_cores"]
             print(f"# {row['shape']} {side}: {step_s:.3f} s/step, {tps:,.0f} tok/s, "
-                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, other processes kept {busy:.2f} cores busy"
+                  + ("  <-- CONTAMINATED, rerun on a quiet machine" if busy > 0.1 * info["cores"] else ""), flush=True)
         if "danlu" in row and "torch" in row:
             row["ratio"] = row["danlu"]["tokens_per_sec"] / row["torch"]["tokens_per_sec"]
         rows.append(row)
@@ -271,14 +284,14 @@ def main(argv=None) -> None:
         head += f" {side + ' tok/s':>12} {side + ' MFU':>10}"
     if len(sides) == 2:
         head += f" {'danlu/torch':>11}"
-    print(head)
+    print(head + "  other busy cores")
     for row in rows:
         line = f"{row['shape']:>7} {row['params'] / 1e6:>6.1f}M {row['batch']:>5} {row['flops_per_token'] / 1e9:>9.3f}"
         for side in sides:
             line += f" {row[side]['tokens_per_sec']:>12,.0f} {row[side]['mfu']:>10.1%}"
         if "ratio" in row:
             line += f" {row['ratio']:>10.2f}x"
-        print(line)
+        print(line + "  " + "/".join(f"{row[side]['other_cpu_cores']:.2f}" for side in sides))
     print(json.dumps({"bench": "train_throughput", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                       "machine": info, "cpu_peak_flops": peak, "steps": args.steps, "warmup": args.warmup,
                       "load_average_end": os.getloadavg()[0], "results": rows}))
