@@ -346,6 +346,9 @@ def check_static(cfg: Config) -> None:
                    ("train.global_batch_size", t.global_batch_size), ("train.microbatches", t.microbatches)]:
         if v is None or v <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {v}")
+    if m.attention == "cudnn" and m.compute_dtype != "bfloat16":
+        raise ConfigError("model.attention=cudnn needs model.compute_dtype=bfloat16 (cuDNN flash attention has no fp32 "
+                          "kernel); set it, or use model.attention=xla")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (grouped-query attention "

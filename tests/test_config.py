@@ -73,6 +73,7 @@ BAD = [
     (["optimizer.warmup_steps=5000", "train.steps=600"], 8, "optimizer.warmup_steps=5000 must be smaller than train.steps=600"),
     (["model.vocab_size=4097", "mesh.tensor=2", "mesh.fsdp=4"], 8, "model.vocab_size=4097 is not divisible by mesh.tensor=2"),
     (["model.head_dim=33"], 8, "must be even for rotary position embeddings"),
+    (["model.attention=cudnn"], 8, "model.attention=cudnn needs model.compute_dtype=bfloat16"),
     (["mesh.dcn_data=3"], 8, "mesh.dcn_data=3 slices do not divide the 8 devices"),
 ]
 
