@@ -46,14 +46,6 @@ def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
 
 
-def _busy_cpu_seconds() -> float:
-    """CPU seconds spent busy by the whole machine so far (all processes, all cores)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def time_steps(step, warmup: int, steps: int) -> dict:
     """Runs `step()` (which must block until done and return the loss) warmup + steps times.
 
@@ -62,20 +54,22 @@ def time_steps(step, warmup: int, steps: int) -> dict:
     steps (machine busy time minus ours, over wall time). Well above 0 means the figures are
     contaminated by someone else's work and should be rerun.
     """
+    from pretrain.flops import machine_busy_cpu_seconds
+
     t0 = time.perf_counter()
     losses = [step()]
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         losses.append(step())
     times = []
-    busy0, self0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    busy0, self0, wall0 = machine_busy_cpu_seconds(), time.process_time(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    other = (_busy_cpu_seconds() - busy0) - (time.process_time() - self0)
-    return {"times": times, "losses": losses, "first_step_s": first,
-            "other_cpu_cores": max(0.0, other / (time.perf_counter() - wall0))}
+    busy1, wall = machine_busy_cpu_seconds(), time.perf_counter() - wall0
+    other = float("nan") if busy0 is None else max(0.0, (busy1 - busy0) - (time.process_time() - self0)) / wall
+    return {"times": times, "losses": losses, "first_step_s": first, "other_cpu_cores": other}
 
 
 # --- danlu side --------------------------------------------------------------------------------

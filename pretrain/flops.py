@@ -19,6 +19,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +209,24 @@ def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 / best
 
 
+def machine_busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all processes, all cores); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_peak_flops() -> float:
     """Measured fp32 matmul FLOP/s of this host, cached in `cache_dir()/cpu_peak.json`.
 
     Keyed by CPU model, usable core count and jax version, so it is measured once per
-    machine shape; delete the file (or its entry) to measure again.
+    machine shape; delete the file (or its entry) to measure again. A measurement taken while
+    other processes kept more than a quarter of the cores busy is returned but not cached,
+    since a low peak would inflate every later MFU on this machine.
     """
     path = cache_dir() / "cpu_peak.json"
     key = _cache_key()
@@ -222,7 +236,15 @@ def cpu_peak_flops() -> float:
         cache = {}
     if key in cache:
         return float(cache[key]["flops_per_sec"])
+    busy0, self0, wall0 = machine_busy_cpu_seconds(), time.process_time(), time.perf_counter()
     flops = measure_cpu_matmul_flops()
+    busy1, wall = machine_busy_cpu_seconds(), time.perf_counter() - wall0
+    if busy0 is not None and busy1 is not None and wall > 0.2:
+        others = ((busy1 - busy0) - (time.process_time() - self0)) / wall  # cores busy elsewhere
+        if others > 0.25 * _cpu_cores():
+            warnings.warn(f"CPU peak measured while other processes kept {others:.1f} cores busy: "
+                          f"{flops / 1e9:.0f} GFLOP/s, not cached", stacklevel=2)
+            return flops
     cache[key] = {"flops_per_sec": flops,
                   "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """pretrain.flops: exact parameter counts of known models, FLOPs by hand, peak table, CPU cache."""
 import json
+import time
 import types
 
 import jax
@@ -133,3 +134,13 @@ def test_norm_bias_only_with_layernorm_and_use_bias():
     assert with_bias - no_bias == 16 + 12 + 12 + 4
     rms = flops.count_params(model(**{**base, "norm": "rmsnorm"}, use_bias=True))["nonembed"]
     assert with_bias - rms == 12 + 4
+
+
+def test_cpu_peak_measured_under_load_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DANLU_CACHE_DIR", str(tmp_path))
+    busy = iter([0.0, 100.0])  # the machine spent 100 CPU-seconds busy during the measurement
+    monkeypatch.setattr(flops, "machine_busy_cpu_seconds", lambda: next(busy))
+    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", lambda: time.sleep(0.25) or 1e9)
+    with pytest.warns(UserWarning, match="not cached"):
+        assert flops.cpu_peak_flops() == 1e9
+    assert not (tmp_path / "cpu_peak.json").exists()
