@@ -27,6 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_SHAPES = "256x4,256x8,512x4,512x8"  # d_model x n_layers
+# How danlu runs best on a CPU: the same model and math, expressed differently (causal attention
+# by query blocks, matmul outputs saved for the backward pass, the output layer fused with the
+# loss over 8 token chunks; see docs/benchmarks.md).
+DANLU_CPU = "model.attention=blocked model.remat=save_dots train.loss_chunks=8"
 
 
 def shape_overrides(d_model: int, n_layers: int, vocab: int, seq: int, batch: int) -> list[str]:
@@ -81,7 +85,8 @@ def run_danlu(args) -> dict:
     from pretrain.config import load_config
     from pretrain.train import build
 
-    cfg = load_config(None, shape_overrides(args.d_model, args.n_layers, args.vocab, args.seq, args.batch_size))
+    cfg = load_config(None, shape_overrides(args.d_model, args.n_layers, args.vocab, args.seq, args.batch_size)
+                      + args.danlu.split())
     built = build(cfg)
     tokens = random_tokens(args.batch_size, args.seq, args.vocab)
     batch = {
@@ -190,7 +195,7 @@ def child_env() -> dict:
 def run_child(side: str, d: int, n: int, batch: int, args) -> dict:
     cmd = [sys.executable, __file__, "--_worker", side, "--_d", str(d), "--_n", str(n),
            "--_b", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab", str(args.vocab), "--seq", str(args.seq)]
+           "--vocab", str(args.vocab), "--seq", str(args.seq), "--danlu", args.danlu]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -225,6 +230,9 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--sides", default="danlu,torch", help="which sides to run")
     p.add_argument("--quick", action="store_true", help="smoke test: 256x4, batch 4, 3 timed steps")
+    p.add_argument("--danlu", default=DANLU_CPU,
+                   help=f"danlu config overrides, space-separated; the model's math is unchanged by them "
+                        f"(default: {DANLU_CPU!r}, danlu's fastest CPU settings; '' for the config defaults)")
     for hidden in ("--_worker", "--_d", "--_n", "--_b"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -48,7 +48,10 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True  # False: a Python loop over layers (same parameters), for debugging
-    attention: str = "xla"  # xla | cudnn (GPU) | splash (TPU Pallas kernel; interpret mode elsewhere, for tests)
+    # xla: jax.nn.dot_product_attention; blocked: causal query blocks as plain matmuls (fastest on CPU);
+    # cudnn: NVIDIA GPUs, bf16; splash: TPU Pallas kernel (interpret mode elsewhere, for tests)
+    attention: str = "xla"
+    attention_block: int = 128  # query block of model.attention=blocked
     segment_masking: bool = True  # packed documents do not attend to each other
 
     def __post_init__(self):
@@ -128,6 +131,7 @@ class TrainConfig:
     seed: int = 0
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
     vocab_chunk: int = 0  # >0: cross-entropy over vocabulary chunks of this size; full logits never materialised
+    loss_chunks: int = 0  # >0: output layer + cross-entropy fused over this many token chunks (see pretrain/loss.py)
     eval_every: int = 100  # 0: only at the end
     run_dir: str = "runs/default"
     max_seconds: float = 0.0  # >0: stop (cleanly, with a final eval) after this many seconds
@@ -335,14 +339,14 @@ def check_static(cfg: Config) -> None:
     _choice("model.position", m.position, ("rope", "learned"))
     _choice("model.mlp", m.mlp, ("swiglu", "gelu"))
     _choice("model.remat", m.remat, ("none", "full", "save_dots"))
-    _choice("model.attention", m.attention, ("xla", "cudnn", "splash"))
+    _choice("model.attention", m.attention, ("xla", "blocked", "cudnn", "splash"))
     _choice("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
     _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
     _choice("optimizer.schedule", o.schedule, ("cosine", "wsd", "constant"))
     _choice("optimizer.cooldown_shape", o.cooldown_shape, ("linear", "cosine", "sqrt"))
     for key, v in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                    ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.head_dim", m.head_dim),
-                   ("model.d_ff", m.d_ff), ("data.seq_len", d.seq_len), ("train.steps", t.steps),
+                   ("model.d_ff", m.d_ff), ("model.attention_block", m.attention_block), ("data.seq_len", d.seq_len), ("train.steps", t.steps),
                    ("train.global_batch_size", t.global_batch_size), ("train.microbatches", t.microbatches)]:
         if v is None or v <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {v}")
@@ -361,6 +365,11 @@ def check_static(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}")
     if t.vocab_chunk < 0 or (t.vocab_chunk and m.vocab_size % t.vocab_chunk):
         raise ConfigError(f"train.vocab_chunk={t.vocab_chunk} must divide model.vocab_size={m.vocab_size} (or be 0 to disable chunking)")
+    if t.loss_chunks < 0 or (t.loss_chunks and t.vocab_chunk):
+        raise ConfigError("train.loss_chunks and train.vocab_chunk are two ways of chunking the loss: set at most one")
+    if t.loss_chunks and ((t.global_batch_size // t.microbatches) * d.seq_len) % t.loss_chunks:
+        raise ConfigError(f"train.loss_chunks={t.loss_chunks} must divide the tokens of a microbatch "
+                          f"({t.global_batch_size // t.microbatches} x {d.seq_len})")
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or not 0 < o.cooldown_fraction <= 1:
         raise ConfigError("optimizer: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, 0 < cooldown_fraction <= 1")
     if o.warmup_steps >= t.steps and o.schedule != "constant":

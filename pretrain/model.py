@@ -28,6 +28,18 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
+    """``x [..., *in] @ w [*in, *out] -> [..., *out]`` as one 2-D matmul on [tokens, features].
+
+    Written on [B, T, D] operands, the weight gradient contracts two axes and XLA:CPU then
+    copies a transposed activation gradient before every such matmul (a third of the step in
+    bench/train_throughput.py); the 2-D form avoids that and costs nothing on TPU.
+    """
+    lead, k = x.shape[: x.ndim - in_dims], math.prod(w.shape[:in_dims])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *w.shape[in_dims:])
+
+
 def _const(shape, axes, value: float, dtype) -> nnx.Param:
     return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
 
@@ -75,6 +87,34 @@ def attention_mask(segment_ids_BxT: jax.Array | None, t: int) -> jax.Array:
     return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
+def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxT, block: int):
+    """Causal attention by query blocks: block i attends to keys [0, (i+1)·block) only, so the
+    masked upper triangle is mostly never computed (~(n+1)/2n of the work for n blocks).
+
+    Plain matmuls on [B·K, G·block, H] operands (G = query heads per kv head): on CPU this is
+    about 2x faster than the XLA path of jax.nn.dot_product_attention, forward and backward.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    k_heads = k_BxTxKxH.shape[2]
+    g = n // k_heads
+    q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4) * (h ** -0.5)
+    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        q_blk = q_BxKxGxTxH[:, :, :, start:end].reshape(b * k_heads, g * (end - start), h)
+        k_blk = k_BxKxTxH[:, :, :end].reshape(b * k_heads, end, h)
+        v_blk = v_BxKxTxH[:, :, :end].reshape(b * k_heads, end, h)
+        s = jnp.matmul(q_blk, k_blk.transpose(0, 2, 1), preferred_element_type=jnp.float32)
+        m = jnp.broadcast_to(mask_BxTxT[:, None, None, start:end, :end], (b, k_heads, g, end - start, end))
+        s = jnp.where(m.reshape(s.shape), s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v_blk.dtype)
+        outs.append(jnp.matmul(p, v_blk).reshape(b, k_heads, g, end - start, h))
+    out_BxKxGxTxH = jnp.concatenate(outs, axis=3)
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -97,9 +137,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
         cfg = self.cfg
         cdt = x_BxTxD.dtype
-        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q[...].astype(cdt))
-        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k[...].astype(cdt))
-        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v[...].astype(cdt))
+        q_BxTxNxH = dense(x_BxTxD, self.q[...].astype(cdt))
+        k_BxTxKxH = dense(x_BxTxD, self.k[...].astype(cdt))
+        v_BxTxKxH = dense(x_BxTxD, self.v[...].astype(cdt))
         if cfg.use_bias:
             q_BxTxNxH += self.q_bias[...].astype(cdt)
             k_BxTxKxH += self.k_bias[...].astype(cdt)
@@ -117,6 +157,9 @@ class Attention(nnx.Module):
             from pretrain.splash import splash_attention  # TPU only; imported lazily
 
             out_BxTxNxH = splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments)
+        elif cfg.attention == "blocked":
+            mask_BxTxT = attention_mask(segments, x_BxTxD.shape[1])[:, 0]
+            out_BxTxNxH = blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxT, cfg.attention_block)
         elif segments is None:
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
@@ -127,7 +170,7 @@ class Attention(nnx.Module):
                 q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask,
                 implementation=None if cfg.attention == "xla" else "cudnn")
         out_BxTxNxH = shard(out_BxTxNxH, ("batch", "length", "act_heads", None))
-        y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o[...].astype(cdt))
+        y_BxTxD = dense(out_BxTxNxH, self.o[...].astype(cdt), in_dims=2)
         if cfg.use_bias:
             y_BxTxD += self.o_bias[...].astype(cdt)
         return y_BxTxD
@@ -151,18 +194,18 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BxTxD):
         cdt = x_BxTxD.dtype
-        up_BxTxF = x_BxTxD @ self.up[...].astype(cdt)
+        up_BxTxF = dense(x_BxTxD, self.up[...].astype(cdt))
         if self.use_bias:
             up_BxTxF += self.up_bias[...].astype(cdt)
         if self.kind == "swiglu":
-            gate_BxTxF = x_BxTxD @ self.gate[...].astype(cdt)
+            gate_BxTxF = dense(x_BxTxD, self.gate[...].astype(cdt))
             if self.use_bias:
                 gate_BxTxF += self.gate_bias[...].astype(cdt)
             h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
         else:
             h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)  # GPT-2's tanh approximation
         h_BxTxF = shard(h_BxTxF, ("batch", "length", "act_mlp"))
-        y_BxTxD = h_BxTxF @ self.down[...].astype(cdt)
+        y_BxTxD = dense(h_BxTxF, self.down[...].astype(cdt))
         if self.use_bias:
             y_BxTxD += self.down_bias[...].astype(cdt)
         return y_BxTxD

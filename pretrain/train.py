@@ -29,7 +29,7 @@ from pretrain import checkpoint as ckpt_lib
 from pretrain.config import Config, ConfigError, validate
 from pretrain.data import make_eval_batches, make_train_iterator
 from pretrain.flops import flops_per_token, peak_flops_per_device
-from pretrain.loss import cross_entropy
+from pretrain.loss import cross_entropy, fused_cross_entropy
 from pretrain.model import Decoder, init_model
 from pretrain.optimizer import make_optimizer
 from pretrain.sharding import axis_rules, check_divisible, logical_to_spec, make_mesh, param_specs, shard
@@ -76,28 +76,32 @@ def _nest(flat: list[tuple[tuple, Any]]) -> dict:
     return out
 
 
-def loss_sums(model: Decoder, batch: dict, cfg: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of token cross-entropies, sum of z-loss terms, number of target tokens) for one batch."""
+def loss_sums(model: Decoder, batch: dict, cfg: Config) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(objective = ce + z_loss·z, ce, z, number of target tokens) for one batch, all sums."""
     batch = {k: shard(v, ("batch", "length")) for k, v in batch.items()}
     hidden_BxTxD = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     weights_BxT = batch["segment_ids"] > 0  # segment 0 is padding
+    n = jnp.sum(weights_BxT).astype(jnp.float32)
+    if cfg.train.loss_chunks:
+        total, ce, z = fused_cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
+                                           cfg.train.z_loss, cfg.train.loss_chunks)
+        return total, ce, z, n
     ce, z = cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
                           vocab_chunk=cfg.train.vocab_chunk)
-    return ce, z, jnp.sum(weights_BxT).astype(jnp.float32)
+    return ce + cfg.train.z_loss * z, ce, z, n
 
 
 def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, param_sharding=None):
     """The pure step: microbatched gradients (summed, then divided by the batch's token count, so k
     microbatches equal one full batch), global-norm clipping and AdamW inside the optimizer."""
     micro = cfg.train.microbatches
-    z_coef = cfg.train.z_loss
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         n_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
 
         def loss_fn(params, mb):
-            ce, z, _ = loss_sums(merge_model(graphdef, abstract_state, params), mb, cfg)
-            return (ce + z_coef * z) / n_tokens, (ce, z)
+            total, ce, z, _ = loss_sums(merge_model(graphdef, abstract_state, params), mb, cfg)
+            return total / n_tokens, (ce, z)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if micro == 1:
@@ -127,7 +131,7 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
 
 def make_eval_step(cfg: Config, graphdef, abstract_state):
     def eval_step(params: dict, batch: dict) -> dict:
-        ce, _, n = loss_sums(merge_model(graphdef, abstract_state, params), batch, cfg)
+        _, ce, _, n = loss_sums(merge_model(graphdef, abstract_state, params), batch, cfg)
         return {"ce_sum": ce, "tokens": n}
     return eval_step
 

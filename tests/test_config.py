@@ -73,6 +73,8 @@ BAD = [
     (["optimizer.warmup_steps=5000", "train.steps=600"], 8, "optimizer.warmup_steps=5000 must be smaller than train.steps=600"),
     (["model.vocab_size=4097", "mesh.tensor=2", "mesh.fsdp=4"], 8, "model.vocab_size=4097 is not divisible by mesh.tensor=2"),
     (["model.head_dim=33"], 8, "must be even for rotary position embeddings"),
+    (["train.loss_chunks=7"], 8, "train.loss_chunks=7 must divide the tokens of a microbatch (16 x 128)"),
+    (["train.loss_chunks=8", "train.vocab_chunk=1024"], 8, "set at most one"),
     (["model.attention=cudnn"], 8, "model.attention=cudnn needs model.compute_dtype=bfloat16"),
     (["mesh.dcn_data=3"], 8, "mesh.dcn_data=3 slices do not divide the 8 devices"),
 ]

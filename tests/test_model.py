@@ -11,7 +11,7 @@ from flax import nnx
 
 from pretrain.config import load_config
 from pretrain.flops import count_params
-from pretrain.loss import cross_entropy
+from pretrain.loss import cross_entropy, fused_cross_entropy
 from pretrain.model import Decoder, attention_mask
 
 SMALL = ["model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -62,8 +62,9 @@ def test_causality(family):
     assert float(jnp.max(jnp.abs(a[:, t:] - b[:, t:]))) > tol  # the change is visible from t on
 
 
-def test_packed_documents_do_not_attend_across_boundaries():
-    _, model = make()
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
+def test_packed_documents_do_not_attend_across_boundaries(attention):
+    _, model = make([f"model.attention={attention}", "model.attention_block=4"])
     x = tokens(1, 16)
     seg = jnp.asarray([[1] * 6 + [2] * 10], jnp.int32)
     y = x.at[0, 2].set((x[0, 2] + 5) % 96)  # change a token in document 1
@@ -71,7 +72,7 @@ def test_packed_documents_do_not_attend_across_boundaries():
     np.testing.assert_allclose(a[0, 6:], b[0, 6:], atol=1e-6)  # document 2 does not see it
     assert float(jnp.max(jnp.abs(a[0, 2:6] - b[0, 2:6]))) > 1e-4
     # Without masking the same change leaks into document 2 (the test would notice a broken mask).
-    _, unmasked = make(["model.segment_masking=false"])
+    _, unmasked = make(["model.segment_masking=false", f"model.attention={attention}", "model.attention_block=4"])
     c, d = logits(unmasked, x, seg), logits(unmasked, y, seg)
     assert float(jnp.max(jnp.abs(c[0, 6:] - d[0, 6:]))) > 1e-4
 
@@ -91,7 +92,9 @@ def _loss_and_grads(model, x):
     return nnx.value_and_grad(f)(model)
 
 
-@pytest.mark.parametrize("variant", [["model.remat=full"], ["model.remat=save_dots"], ["model.scan_layers=false"]])
+@pytest.mark.parametrize("variant", [["model.remat=full"], ["model.remat=save_dots"], ["model.scan_layers=false"],
+                                     ["model.attention=blocked", "model.attention_block=8"],
+                                     ["model.attention=blocked", "model.attention_block=5"]], ids=" ".join)
 def test_remat_and_unrolled_equal_scanned(variant):
     cfg, model = make()
     x = tokens(2, 17)
@@ -108,7 +111,7 @@ def _kv(overrides):
     out = {}
     for o in overrides:
         k, v = o.split("=")
-        out[k.split(".")[1]] = {"true": True, "false": False}.get(v, v)
+        out[k.split(".")[1]] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v, v)
     return out
 
 
@@ -153,3 +156,29 @@ def test_gpt2_124m_parameter_count():
     model = nnx.eval_shape(lambda: Decoder(cfg.model, rngs=nnx.Rngs(params=0)))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n == 124_439_808
+
+
+@pytest.mark.parametrize("z_coef", [0.0, 1e-2])
+def test_fused_cross_entropy_equals_plain(z_coef):
+    """Output layer + CE fused over token chunks (gradients made in the forward pass) = plain CE."""
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 96)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 96, (2, 8)), jnp.int32)
+    m = jnp.asarray(rng.integers(0, 2, (2, 8)), jnp.int32)
+
+    def plain(h, w):
+        ce, z = cross_entropy(h, w, t, m)
+        return ce + z_coef * z
+
+    def fused(h, w):
+        return fused_cross_entropy(h, w, t, m, z_coef, 4)[0]
+
+    ref, gref = jax.value_and_grad(plain, argnums=(0, 1))(h, w)
+    out, gout = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, w)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    for a, b in zip(gout, gref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    total, ce, z = fused_cross_entropy(h, w, t, m, z_coef, 4)
+    plain_ce, plain_z = cross_entropy(h, w, t, m)
+    np.testing.assert_allclose([ce, z], [plain_ce, plain_z], rtol=1e-5)

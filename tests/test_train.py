@@ -134,12 +134,15 @@ def test_weight_decay_mask_and_clipping():
     assert optax.tree.norm(optax.clip_by_global_norm(1.0).update({"g": np.full(4, 10.0)}, None)[0]) == pytest.approx(1.0)
 
 
-def test_splash_attention_kernel_equals_xla_under_a_mesh():
-    """The TPU Pallas kernel (interpret mode on CPU), sharded with shard_map, trains like the XLA path."""
+@pytest.mark.parametrize("variant", [["model.attention=splash"], ["model.attention=blocked", "model.attention_block=32"],
+                                     ["train.loss_chunks=8"]], ids=" ".join)
+def test_kernels_and_fused_loss_equal_the_plain_path_under_a_mesh(variant):
+    """The TPU Pallas kernel (interpret mode on CPU, in shard_map), blocked attention and the fused
+    loss train like the plain XLA path on a (2, 2, 2) mesh."""
     common = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.max_seq_len=128", "data.seq_len=128"]
     batches = [batch(t=128, seed=i) for i in range(2)]
     xla, xla_params, _, _ = run(common, steps=2, batches=batches)
-    splash, splash_params, _, _ = run(common + ["model.attention=splash"], steps=2, batches=batches)
-    np.testing.assert_allclose(splash, xla, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(splash_params), jax.tree.leaves(xla_params)):
+    other, other_params, _, _ = run(common + variant, steps=2, batches=batches)
+    np.testing.assert_allclose(other, xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(xla_params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
