@@ -295,6 +295,7 @@ def main(argv=None) -> None:
             line += f" {row['ratio']:>10.2f}x"
         print(line + "  " + "/".join(f"{row[side]['other_cpu_cores']:.2f}" for side in sides))
     print(json.dumps({"bench": "train_throughput", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                      "danlu_overrides": args.danlu,
                       "machine": info, "cpu_peak_flops": peak, "steps": args.steps, "warmup": args.warmup,
                       "load_average_end": os.getloadavg()[0], "results": rows}))
 
