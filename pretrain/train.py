@@ -284,7 +284,11 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     # --- accounting: FLOPs per token against the peak of these chips --------------------------
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-    peak = peak_flops_per_device(devices[0]) * len(devices)
+    try:
+        peak = peak_flops_per_device(devices[0]) * len(devices)
+    except ValueError as e:  # an accelerator missing from the table: train anyway, MFU unknown
+        log(f"warning: {e}; mfu is logged as NaN")
+        peak = float("nan")
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
     bar = None
     if cfg.logging.progress_bar and sys.stdout.isatty() and pid == 0:
