@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded end-to-end job: corpus -> tokenizer -> shards -> tiny model -> loss.png")
     p.add_argument("--workdir", default="demo", help="where everything goes (default: ./demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time limit (default: 5)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time limit (default: 8)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="pretrain a decoder on token shards",

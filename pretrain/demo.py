@@ -14,7 +14,7 @@ from pathlib import Path
 from pretrain.config import CONFIGS_DIR, load_config
 
 
-def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 5.0, steps: int = 300,
+def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps: int = 1200,
              vocab_size: int = 4096, max_bytes: int = 8_000_000) -> dict:
     from data_pipeline.demo_corpus import build_demo_corpus
     from data_pipeline.tokenize import encode_to_shards, train_tokenizer
