@@ -107,9 +107,11 @@ def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxT, block: int):
         k_blk = k_BxKxTxH[:, :, :end].reshape(b * k_heads, end, h)
         v_blk = v_BxKxTxH[:, :, :end].reshape(b * k_heads, end, h)
         s = jnp.matmul(q_blk, k_blk.transpose(0, 2, 1), preferred_element_type=jnp.float32)
-        m = jnp.broadcast_to(mask_BxTxT[:, None, None, start:end, :end], (b, k_heads, g, end - start, end))
-        s = jnp.where(m.reshape(s.shape), s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(v_blk.dtype)
+        # Mask in the 5-D view so that the [B, T, T] mask broadcasts inside the fusion instead
+        # of being materialised for every head.
+        s = s.reshape(b, k_heads, g, end - start, end)
+        s = jnp.where(mask_BxTxT[:, None, None, start:end, :end], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v_blk.dtype).reshape(b * k_heads, g * (end - start), end)
         outs.append(jnp.matmul(p, v_blk).reshape(b, k_heads, g, end - start, h))
     out_BxKxGxTxH = jnp.concatenate(outs, axis=3)
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
