@@ -11,8 +11,17 @@ def _train(args) -> int:
     from pretrain.config import load_config
     from pretrain.train import train
 
+    from pretrain.train import TrainingStopped
+
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except TrainingStopped as e:
+        print(f"danlu: training stopped: {e}", file=sys.stderr)
+        return 3
+    if summary["signal"]:  # preempted: the checkpoint is saved; rerunning the command continues
+        print(f"stopped by {summary['signal']} at step {summary['steps']}; checkpoint saved in {summary['run_dir']}")
+        return 128 + int(getattr(__import__("signal"), summary["signal"]))
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
           + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
           + f"; run directory {summary['run_dir']}")

@@ -135,13 +135,19 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     run_dir: str = "runs/default"
     max_seconds: float = 0.0  # >0: stop (cleanly, with a final eval) after this many seconds
+    spike_factor: float = 0.0  # >0: a step whose loss exceeds this x the running median is not applied
+    spike_window: int = 32  # steps in the running median
+    max_bad_steps: int = 5  # this many skipped (non-finite or spiking) steps in a row trigger bad_step_policy
+    bad_step_policy: str = "rollback"  # rollback: to the last checkpoint, skipping those batches | stop
+    test_nan_batches: tuple[int, ...] = ()  # test hook: these data batches get invalid targets (a NaN loss)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     enabled: bool = True
     every: int = 0  # steps between saves; 0: only at the end
-    keep: int = 3
+    keep: int = 3  # the latest K checkpoints are kept
+    keep_period: int = 0  # >0: also keep every checkpoint whose step is a multiple of this
     async_save: bool = True
 
 
@@ -219,6 +225,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], key)
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -365,6 +377,9 @@ def check_static(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}")
     if t.vocab_chunk < 0 or (t.vocab_chunk and m.vocab_size % t.vocab_chunk):
         raise ConfigError(f"train.vocab_chunk={t.vocab_chunk} must divide model.vocab_size={m.vocab_size} (or be 0 to disable chunking)")
+    _choice("train.bad_step_policy", t.bad_step_policy, ("rollback", "stop"))
+    if t.spike_factor < 0 or t.spike_window < 2 or t.max_bad_steps < 1:
+        raise ConfigError("train: need spike_factor >= 0 (0 disables), spike_window >= 2, max_bad_steps >= 1")
     if t.loss_chunks < 0 or (t.loss_chunks and t.vocab_chunk):
         raise ConfigError("train.loss_chunks and train.vocab_chunk are two ways of chunking the loss: set at most one")
     if t.loss_chunks and ((t.global_batch_size // t.microbatches) * d.seq_len) % t.loss_chunks:

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +44,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: dict  # pure dict of arrays, the structure of nnx.state(Decoder)
     opt_state: Any
+    loss_history: jax.Array  # [train.spike_window] fp32: losses of the latest applied steps (NaN: empty)
 
 
 @dataclasses.dataclass
@@ -94,7 +97,7 @@ def loss_sums(model: Decoder, batch: dict, cfg: Config) -> tuple[jax.Array, jax.
 def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, param_sharding=None):
     """The pure step: microbatched gradients (summed, then divided by the batch's token count, so k
     microbatches equal one full batch), global-norm clipping and AdamW inside the optimizer."""
-    micro = cfg.train.microbatches
+    micro, t = cfg.train.microbatches, cfg.train
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         n_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
@@ -119,12 +122,25 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
             if param_sharding is not None:
                 zeros = jax.lax.with_sharding_constraint(zeros, param_sharding)
             (grads, ce, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), mbs)
-        grad_norm = optax.tree.norm(grads)
+        loss, grad_norm = ce / n_tokens, optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce / n_tokens, "z_loss": z / n_tokens, "grad_norm": grad_norm,
-                   "lr": schedule(state.step), "tokens": n_tokens}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        # Guard rail: a non-finite step, or a loss above spike_factor x the running median, is
+        # not applied (parameters and optimizer state stay as they were) and is reported.
+        history = state.loss_history
+        median = jnp.nanmedian(history)
+        filled = jnp.sum(~jnp.isnan(history))
+        spike = (t.spike_factor > 0) & (filled >= history.shape[0] // 2) & (loss > t.spike_factor * median)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        history = jnp.where(ok, jnp.roll(history, 1).at[0].set(loss), history)
+        metrics = {"loss": loss, "z_loss": z / n_tokens, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "tokens": n_tokens, "skipped": (~ok).astype(jnp.float32), "spike": spike.astype(jnp.float32),
+                   "loss_median": median}
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), loss_history=history)
+        return new_state, metrics
 
     return train_step
 
@@ -161,13 +177,14 @@ def build(cfg: Config, devices=None, mesh: Mesh | None = None) -> Built:
 
     def init_state() -> TrainState:
         params = nnx.to_pure_dict(nnx.state(init_model(cfg.model, cfg.train.seed)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          loss_history=jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32))
 
     abstract = jax.eval_shape(init_state)
     opt_sharding = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract.opt_state, param_sharding,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
-    state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding)
+    state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding, loss_history=replicated)
     with axis_rules(mesh, rules):
         state = jax.jit(init_state, out_shardings=state_sharding)()
 
@@ -249,6 +266,20 @@ def evaluate(built: Built, params: dict, batches: list[dict]) -> float:
     return ce / max(n, 1.0)
 
 
+class TrainingStopped(RuntimeError):
+    """Raised when bad steps persist and train.bad_step_policy says stop (or nothing to roll back to)."""
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """After a resume at ``step``, drop the rows logged past it by the run that died, so that
+    metrics.jsonl reads as one uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in rows))
+
+
 def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) training; returns a summary with the final train and eval losses."""
     # --- setup: processes, config checks, run directory -------------------------------------
@@ -257,29 +288,44 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     validate(cfg, len(devices), jax.process_count())
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a directory of token shards made by `danlu tokenize`")
-    run_dir = Path(cfg.train.run_dir)
-    if jax.process_index() == 0:
+    t = cfg.train
+    pid, nproc = jax.process_index(), jax.process_count()
+    run_dir = Path(t.run_dir)
+    if pid == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    # --- state: created sharded, or restored from the latest checkpoint ----------------------
-    built = build(cfg, devices)
-    manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-    state = built.state
-    if manager is not None and manager.latest_step() is not None:
-        state = ckpt_lib.restore(manager, state, built.state_sharding)
-        log(f"resumed from {run_dir / 'checkpoints'} at step {int(state.step)}")
-    start_step = int(state.step)
-
     # --- data ---------------------------------------------------------------------------------
-    t = cfg.train
-    pid, nproc = jax.process_index(), jax.process_count()
     train_iter = make_train_iterator(cfg.data, t.global_batch_size, seed=t.seed, process_index=pid,
-                                     process_count=nproc, start_step=start_step,
-                                     vocab_size=cfg.model.vocab_size)
+                                     process_count=nproc, start_step=0, vocab_size=cfg.model.vocab_size)
     eval_batches = make_eval_batches(cfg.data, t.global_batch_size, cfg.data.eval_batches,
                                      process_index=pid, process_count=nproc, vocab_size=cfg.model.vocab_size
                                      ) if cfg.data.eval_batches else []
+    skip_batches: set[int] = set()  # data indices never to train on again (they led to bad steps)
+
+    # --- state: created sharded, or restored from the newest readable checkpoint --------------
+    built = build(cfg, devices)
+    manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
+    state = built.state
+
+    def restore_latest() -> bool:
+        nonlocal state, skip_batches
+        restored = ckpt_lib.restore_latest(manager, built.state, built.state_sharding, log) if manager else None
+        if restored is None:
+            return False
+        state, data, step = restored
+        train_iter.set_state(data["iterator"])
+        skip_batches |= set(data.get("skip", []))
+        return True
+
+    if restore_latest():
+        log(f"resumed from {run_dir / 'checkpoints'} at step {int(state.step)}")
+        _truncate_metrics(run_dir, int(state.step))
+    start_step = int(state.step)
+
+    def save(step: int, force: bool = False) -> float:
+        data = {"iterator": train_iter.get_state(), "skip": sorted(skip_batches)}
+        return ckpt_lib.save(manager, step, state, data, cfg.to_dict(), force=force)
 
     # --- accounting: FLOPs per token against the peak of these chips --------------------------
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -295,11 +341,27 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    # --- preemption: SIGTERM / SIGINT ask for a checkpoint and a clean stop --------------------
+    stop_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        if stop_signal:  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous_handlers[sig] = signal.signal(sig, on_signal)
+
     # --- loop: dispatch step N, then read back step N-1's metrics ------------------------------
     last_eval: float | None = None
     eval_at: dict[int, float] = {}  # step -> eval loss, computed on that step's parameters
     last_loss = float("nan")
     pending: tuple[int, dict] | None = None
+    data_index_of: dict[int, int] = {}  # step -> index of the batch it trained on
+    bad_run: list[int] = []  # data indices of the current run of skipped steps
+    counts = {"skipped_steps": 0, "rollbacks": 0, "checkpoint_blocked_s": 0.0, "checkpoints": 0}
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     first_loss = None
@@ -307,11 +369,16 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     def report(step: int, metrics: dict, force: bool = False) -> None:
         nonlocal t_last, step_last, last_loss, first_loss
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last_loss = m["loss"]
-        first_loss = m["loss"] if first_loss is None else first_loss
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            raise FloatingPointError(f"non-finite loss {m['loss']} or grad norm {m['grad_norm']} at step {step}; "
-                                     f"lower optimizer.lr or check the data at this step")
+        if m["skipped"]:
+            counts["skipped_steps"] += 1
+            bad_run.append(data_index_of[step])
+            why = f"loss {m['loss']:.4g} > {t.spike_factor:g} x median {m['loss_median']:.4g}" if m["spike"] else \
+                f"non-finite loss {m['loss']} or grad norm {m['grad_norm']}"
+            log(f"step {step} not applied: {why} (batch {data_index_of[step]}; {len(bad_run)} in a row)")
+        else:
+            bad_run.clear()
+            last_loss = m["loss"]
+            first_loss = m["loss"] if first_loss is None else first_loss
         if step % cfg.logging.log_every and not force and step not in eval_at:
             return
         now = time.perf_counter()
@@ -319,7 +386,7 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
         tps = tokens_per_step / dt
         row = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "z_loss": m["z_loss"],
                "tokens_per_sec": tps, "step_time": dt, "mfu": tps * flops_tok / peak,
-               "tokens": step * tokens_per_step, "elapsed": now - t_start}
+               "tokens": step * tokens_per_step, "elapsed": now - t_start, "skipped_steps": counts["skipped_steps"]}
         if step in eval_at:
             row["eval_loss"] = eval_at.pop(step)
         writer.write(row)
@@ -330,25 +397,60 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
             log(f"step {step:6d} loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} {tps:,.0f} tok/s mfu {row['mfu']:.1%}")
         t_last, step_last = time.perf_counter(), step
 
+    def next_batch() -> tuple[int, dict]:
+        while True:
+            index = train_iter.step
+            local = next(train_iter)
+            if index in t.test_nan_batches:  # test hook: out-of-range targets make the loss NaN
+                local = {**local, "targets": np.full_like(local["targets"], cfg.model.vocab_size)}
+            if index not in skip_batches:
+                return index, local
+
     step = start_step
     stopped_early = False
     try:
         while step < t.steps:
-            batch = global_batch(next(train_iter), built.batch_sharding, t.global_batch_size)
-            state, metrics = built.train_step(state, batch)
+            index, local = next_batch()
+            state, metrics = built.train_step(state, global_batch(local, built.batch_sharding, t.global_batch_size))
             step += 1
+            data_index_of[step] = index
+            data_index_of.pop(step - 4, None)
             if pending is not None:
                 report(*pending)
             pending = (step, metrics)
-            stopping = bool(t.max_seconds) and time.perf_counter() - t_start > t.max_seconds
+
+            if len(bad_run) >= t.max_bad_steps:  # bad steps persist: roll back or stop
+                culprits = sorted(bad_run)
+                if t.bad_step_policy == "stop":
+                    raise TrainingStopped(f"{len(culprits)} steps in a row were not applied (batches {culprits}); "
+                                          f"stopping as train.bad_step_policy=stop says")
+                skip_batches.update(culprits)
+                pending, bad_run[:] = None, []
+                if manager is not None:
+                    manager.wait_until_finished()
+                if not restore_latest():
+                    raise TrainingStopped(f"{len(culprits)} steps in a row were not applied (batches {culprits}) and "
+                                          f"there is no checkpoint to roll back to; lower optimizer.lr or enable checkpoints")
+                skip_batches.update(culprits)
+                counts["rollbacks"] += 1
+                step = int(state.step)
+                _truncate_metrics(run_dir, step)
+                log(f"rolled back to the checkpoint of step {step}; batches {culprits} will be skipped")
+                continue
+
+            stopping = bool(stop_signal) or (bool(t.max_seconds) and time.perf_counter() - t_start > t.max_seconds)
             if eval_batches and (step == t.steps or stopping or (t.eval_every and step % t.eval_every == 0)):
                 last_eval = eval_at[step] = evaluate(built, state.params, eval_batches)
             if bar is not None:
                 bar.update(1)
             if manager is not None and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                ckpt_lib.save(manager, step, state)
+                counts["checkpoint_blocked_s"] += save(step)
+                counts["checkpoints"] += 1
             if stopping:
                 stopped_early = True
+                if stop_signal:
+                    log(f"received signal {signal.Signals(stop_signal[0]).name} at step {step}: "
+                        f"saving a checkpoint and stopping; rerun the same command to continue")
                 break
         if pending is not None:
             report(*pending, force=True)
@@ -357,14 +459,18 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
             bar.close()
         if manager is not None:
             if step > start_step and manager.latest_step() != step:
-                ckpt_lib.save(manager, step, state, force=True)
+                counts["checkpoint_blocked_s"] += save(step, force=True)
+                counts["checkpoints"] += 1
             manager.wait_until_finished()
             manager.close()
         writer.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     summary = {"run_dir": str(run_dir), "steps": step, "first_loss": first_loss, "final_loss": last_loss,
                "final_eval_loss": last_eval, "stopped_early": stopped_early,
-               "seconds": time.perf_counter() - t_start}
+               "signal": signal.Signals(stop_signal[0]).name if stop_signal else None,
+               "seconds": time.perf_counter() - t_start, **counts}
     if pid == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
