@@ -443,7 +443,8 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
                 last_eval = eval_at[step] = evaluate(built, state.params, eval_batches)
             if bar is not None:
                 bar.update(1)
-            if manager is not None and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            # No periodic checkpoint in the middle of a run of bad steps: it would be the one to roll back to.
+            if manager is not None and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not bad_run:
                 counts["checkpoint_blocked_s"] += save(step)
                 counts["checkpoints"] += 1
             if stopping:
