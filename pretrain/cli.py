@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     _tokenize_parser(sub)
+
+    from launch import local
+
+    launch = sub.add_parser("launch", help="run jobs elsewhere: `launch local` starts a fake pod on this machine")
+    targets = launch.add_subparsers(dest="target", required=True)
+    p = targets.add_parser("local", help="N processes on localhost (CPU, gloo collectives) as a fake pod",
+                           description="Example: danlu launch local --processes 2 -- danlu train configs/train/tiny.yaml")
+    local.add_arguments(p)
+    p.set_defaults(func=local.main)
     return parser
 
 
