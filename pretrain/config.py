@@ -159,6 +159,15 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-host job find each other; the DANLU_* environment wins."""
+    coordinator: str = ""  # host:port of process 0; empty: single process (or `auto`)
+    num_processes: int = 1
+    process_id: int = 0
+    auto: bool = False  # jax.distributed.initialize() with no arguments (TPU pods, SLURM)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -168,6 +177,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

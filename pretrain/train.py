@@ -219,14 +219,21 @@ def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -
 # The loop
 
 
-def _init_distributed() -> None:
-    """Joins a multi-process job when the environment describes one (TPU pods set it themselves)."""
-    if os.environ.get("DANLU_COORDINATOR") is None or jax.distributed.is_initialized():
+def _init_distributed(dist) -> None:
+    """Joins a multi-process job described by the environment (DANLU_COORDINATOR,
+    DANLU_NUM_PROCESSES, DANLU_PROCESS_ID, as `danlu launch local` sets them) or by the config's
+    ``distributed`` section; ``distributed.auto`` lets JAX discover the job (TPU pods, SLURM)."""
+    if jax.distributed.is_initialized():
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU devices (fake pods)
-    jax.distributed.initialize(coordinator_address=os.environ["DANLU_COORDINATOR"],
-                               num_processes=int(os.environ["DANLU_NUM_PROCESSES"]),
-                               process_id=int(os.environ["DANLU_PROCESS_ID"]))
+    coordinator = os.environ.get("DANLU_COORDINATOR") or dist.coordinator
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU devices (fake pods)
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ.get("DANLU_NUM_PROCESSES", dist.num_processes)),
+            process_id=int(os.environ.get("DANLU_PROCESS_ID", dist.process_id)))
+    elif dist.auto:
+        jax.distributed.initialize()
 
 
 class MetricsWriter:
@@ -283,7 +290,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) training; returns a summary with the final train and eval losses."""
     # --- setup: processes, config checks, run directory -------------------------------------
-    _init_distributed()
+    _init_distributed(cfg.distributed)
     devices = devices if devices is not None else jax.devices()
     validate(cfg, len(devices), jax.process_count())
     if not cfg.data.path:
