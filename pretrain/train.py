@@ -278,13 +278,15 @@ class TrainingStopped(RuntimeError):
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """After a resume at ``step``, drop the rows logged past it by the run that died, so that
-    metrics.jsonl reads as one uninterrupted run."""
+    """Drops the rows past ``step`` (0 on a fresh start) that a run which died left behind, so
+    that metrics.jsonl reads as one uninterrupted run. Rewritten atomically (temp file + rename)."""
     path = run_dir / "metrics.jsonl"
     if jax.process_index() != 0 or not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in rows))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    os.replace(tmp, path)
 
 
 def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> dict:
@@ -327,8 +329,8 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
 
     if restore_latest():
         log(f"resumed from {run_dir / 'checkpoints'} at step {int(state.step)}")
-        _truncate_metrics(run_dir, int(state.step))
     start_step = int(state.step)
+    _truncate_metrics(run_dir, start_step)  # also after a run that died before its first checkpoint
 
     def save(step: int, force: bool = False) -> float:
         data = {"iterator": train_iter.get_state(), "skip": sorted(skip_batches)}
