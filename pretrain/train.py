@@ -240,6 +240,7 @@ class MetricsWriter:
     """metrics.jsonl plus TensorBoard events; only process 0 writes."""
 
     def __init__(self, run_dir: Path, tensorboard: bool):
+        self.run_dir = run_dir
         self.enabled = jax.process_index() == 0
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self.tb = None
@@ -256,6 +257,13 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
+
+    def truncate(self, step: int) -> None:
+        """Forgets the rows past ``step`` (after a roll-back) and goes on appending."""
+        if self.enabled:
+            self.file.close()
+            _truncate_metrics(self.run_dir, step)
+            self.file = open(self.run_dir / "metrics.jsonl", "a")
 
     def close(self) -> None:
         if self.file:
@@ -443,7 +451,7 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
                 skip_batches.update(culprits)
                 counts["rollbacks"] += 1
                 step = int(state.step)
-                _truncate_metrics(run_dir, step)
+                writer.truncate(step)
                 log(f"rolled back to the checkpoint of step {step}; batches {culprits} will be skipped")
                 continue
 
