@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.demo_corpus import build_demo_corpus
-from data_pipeline.tokenize import encode_to_shards, train_tokenizer
 from pretrain.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    corpus = work / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_bytes=400_000)
-    model = train_tokenizer([str(corpus)], str(work / "tok"), vocab_size=512)
-    encode_to_shards([str(corpus)], str(work / "shards"), model, num_shards=2, eval_fraction=0.05, workers=1)
-    return work / "shards"
 
 
 def danlu_train(run_dir, shards, *extra):

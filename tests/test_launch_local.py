@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.demo_corpus import build_demo_corpus
-from data_pipeline.tokenize import encode_to_shards, train_tokenizer
 from launch import local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,16 +91,6 @@ def test_signals_are_forwarded_and_output_is_prefixed(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "[0] got SIGTERM" in out and "[1] got SIGTERM" in out
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    work = tmp_path_factory.mktemp("launch")
-    corpus = work / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_bytes=400_000)
-    model = train_tokenizer([str(corpus)], str(work / "tok"), vocab_size=512)
-    encode_to_shards([str(corpus)], str(work / "shards"), model, num_shards=2, eval_fraction=0.05, workers=1)
-    return work / "shards"
 
 
 def test_two_processes_through_the_launcher_equal_one(shards, tmp_path):

@@ -14,8 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline.demo_corpus import build_demo_corpus
-from data_pipeline.tokenize import encode_to_shards, train_tokenizer
 from pretrain import checkpoint as ckpt_lib
 from pretrain.config import load_config
 from pretrain.train import build
@@ -24,16 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "data.seq_len=64", "train.global_batch_size=8",
         "optimizer.warmup_steps=2", "logging.log_every=1", "train.eval_every=0", "data.eval_batches=0",
         "mesh.data=2", "mesh.fsdp=2", "logging.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    work = tmp_path_factory.mktemp("resume")
-    corpus = work / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_bytes=300_000)
-    model = train_tokenizer([str(corpus)], str(work / "tok"), vocab_size=512)
-    encode_to_shards([str(corpus)], str(work / "shards"), model, num_shards=2, eval_fraction=0.05, workers=1)
-    return work / "shards"
 
 
 def command(run_dir, shards, *extra):
