@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 
 
@@ -21,7 +21,7 @@ def _train(args) -> int:
         return 3
     if summary["signal"]:  # preempted: the checkpoint is saved; rerunning the command continues
         print(f"stopped by {summary['signal']} at step {summary['steps']}; checkpoint saved in {summary['run_dir']}")
-        return 128 + int(getattr(__import__("signal"), summary["signal"]))
+        return 128 + int(signal.Signals[summary["signal"]])
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
           + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
           + f"; run directory {summary['run_dir']}")

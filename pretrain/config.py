@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Converts a YAML/CLI value to the field's type, or raises naming the key."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None

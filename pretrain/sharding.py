@@ -95,7 +95,7 @@ def param_specs(state: nnx.State, rules: Rules) -> nnx.State:
 def check_divisible(abstract_state: nnx.State, specs: nnx.State, mesh: Mesh) -> None:
     """Raises a ConfigError naming the parameter whose dimension its mesh axes do not divide."""
     flat_a = dict(nnx.to_flat_state(abstract_state))
-    flat_s = dict(nnx.to_flat_state(specs)) if hasattr(nnx, "to_flat_state") else None
+    flat_s = dict(nnx.to_flat_state(specs))
     for path, var in flat_a.items():
         spec = flat_s[path]
         spec = spec.get_value() if _is_var(spec) else spec

@@ -273,11 +273,9 @@ class MetricsWriter:
 
 
 def evaluate(built: Built, params: dict, batches: list[dict]) -> float:
-    ce, n = 0.0, 0.0
-    for local in batches:
-        out = built.eval_step(params, global_batch(local, built.batch_sharding, built.cfg.train.global_batch_size))
-        out = jax.device_get(out)
-        ce, n = ce + float(out["ce_sum"]), n + float(out["tokens"])
+    """Mean token cross-entropy over global eval batches (dispatched together, read back once)."""
+    outs = jax.device_get([built.eval_step(params, batch) for batch in batches])
+    ce, n = sum(float(o["ce_sum"]) for o in outs), sum(float(o["tokens"]) for o in outs)
     return ce / max(n, 1.0)
 
 
@@ -322,6 +320,8 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
 
     # --- state: created sharded, or restored from the newest readable checkpoint --------------
     built = build(cfg, devices)
+    # The eval batches are fixed: assemble them into global arrays once, not at every evaluation.
+    eval_batches = [global_batch(b, built.batch_sharding, t.global_batch_size) for b in eval_batches]
     manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
     state = built.state
 
