@@ -35,12 +35,28 @@ def _demo(args) -> int:
     return 0
 
 
-def _tokenize_parser(sub) -> None:
-    from data_pipeline import tokenize
+# Subcommands served by a module with `add_arguments(parser)` and `main(args) -> int`.
+# (name, module, help). Modules keep heavy imports (jax, beam) inside their functions so that
+# `danlu --help` stays fast.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("tokenize", "data_pipeline.tokenize", "train a sentencepiece model and/or encode documents into token shards"),
+]
 
-    p = sub.add_parser("tokenize", help="train a sentencepiece model and/or encode documents into token shards")
-    tokenize.add_arguments(p)
-    p.set_defaults(func=tokenize.main)
+# `danlu launch <target>`: same convention.
+LAUNCH_TARGETS: list[tuple[str, str, str]] = [
+    ("local", "launch.local", "N processes on localhost (CPU, gloo collectives) as a fake pod; "
+                              "example: danlu launch local --processes 2 -- danlu train configs/train/tiny.yaml"),
+]
+
+
+def _add_module_commands(sub, table) -> None:
+    import importlib
+
+    for name, module_name, help_text in table:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,26 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=512 mesh.tensor=2")
     p.set_defaults(func=_train)
 
-    _tokenize_parser(sub)
+    _add_module_commands(sub, COMMANDS)
 
-    from launch import local
-
-    launch = sub.add_parser("launch", help="run jobs elsewhere: `launch local` starts a fake pod on this machine")
-    targets = launch.add_subparsers(dest="target", required=True)
-    p = targets.add_parser("local", help="N processes on localhost (CPU, gloo collectives) as a fake pod",
-                           description="Example: danlu launch local --processes 2 -- danlu train configs/train/tiny.yaml")
-    local.add_arguments(p)
-    p.set_defaults(func=local.main)
+    launch = sub.add_parser("launch", help="run jobs elsewhere: a fake pod here, Cloud TPU, GKE, Dataflow")
+    _add_module_commands(launch.add_subparsers(dest="target", required=True), LAUNCH_TARGETS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipeline.steps import StepError
     from pretrain.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except ConfigError as e:
+    except (ConfigError, StepError) as e:
         print(f"danlu: invalid config: {e}", file=sys.stderr)
         return 2
 

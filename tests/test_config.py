@@ -7,7 +7,9 @@ import pytest
 from pretrain.config import CONFIGS_DIR, Config, ConfigError, config_from_dict, load_config, validate
 from pretrain.sharding import MESH_AXES
 
-SHIPPED = sorted(Path(CONFIGS_DIR).glob("**/*.yaml"))
+# Training presets; data (configs/data), scaling (configs/scaling) and TPU-target (configs/tpu)
+# configs are parsed by the tests of their own rooms.
+SHIPPED = sorted([*Path(CONFIGS_DIR).glob("model/*.yaml"), *Path(CONFIGS_DIR).glob("train/*.yaml")])
 
 
 def test_configs_are_shipped():
