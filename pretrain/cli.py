@@ -40,6 +40,9 @@ def _demo(args) -> int:
 # `danlu --help` stays fast.
 COMMANDS: list[tuple[str, str, str]] = [
     ("tokenize", "data_pipeline.tokenize", "train a sentencepiece model and/or encode documents into token shards"),
+    ("dedup", "data_pipeline.dedup_cli", "fuzzy (MinHash LSH) dedup of JSONL documents, in bounded memory"),
+    ("quality", "data_pipeline.quality", "GPT-3-style quality classifier: train on reference vs crawl, score"),
+    ("mix", "data_pipeline.mix", "mix sources by weights or epochs into the input of danlu tokenize"),
 ]
 
 # `danlu launch <target>`: same convention.

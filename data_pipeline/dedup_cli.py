@@ -1,0 +1,138 @@
+"""`danlu dedup`: fuzzy (MinHash LSH) dedup of JSONL documents.
+
+    danlu dedup --input crawl/*.jsonl.gz --output dedup/ [--threshold 0.8] [--ngram 5]
+                [--num-perm 128] [--memory-budget 512] [--keep first|longest|score] [--verify]
+
+Writes to DIR:
+
+    kept-00000-of-0000N.jsonl   the kept documents of input file 0 (order, ids and fields kept)
+    clusters.jsonl              one row per removed document: {"id", "kept", "source", "kept_source"}
+    report.json                 documents in/out, removed, bands × rows, spill runs, peak memory, seconds
+    errors.jsonl                lines that are not documents (file, line, reason); they are skipped
+
+Documents are numbered in input order (files in the order given, lines in file order), which is
+what "first" means; the result does not depend on --workers or --memory-budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from data_pipeline import io as dio
+from data_pipeline.dedup.fuzzy import DedupResult, fuzzy_dedup
+from data_pipeline.dedup.minhash import MinHashConfig
+
+
+def iter_documents(paths: Sequence[str], errors: list | None = None) -> Iterator[tuple[int, dict]]:
+    """(file number, document) for the valid documents of `paths`; bad lines go to `errors`."""
+    for fi, path in enumerate(paths):
+        for rec in dio.iter_jsonl(path):
+            reason = rec.error if rec.error is not None else dio.document_error(rec.obj)
+            if reason is not None:
+                if errors is not None:
+                    errors.append({"file": path, "line": rec.line, "reason": reason, "raw": rec.raw[:4096]})
+                continue
+            yield fi, rec.obj
+
+
+def dedup_files(inputs: Sequence[str], output_dir: str, cfg: MinHashConfig = MinHashConfig(), *,
+                memory_budget_mb: float | None = None, workers: int = 1) -> dict:
+    """Runs `fuzzy_dedup` over JSONL inputs and writes kept documents, clusters and report."""
+    t0 = time.perf_counter()
+    paths = dio.expand_inputs(inputs)
+    os.makedirs(output_dir, exist_ok=True)
+    spill_dir = os.path.join(output_dir, ".spill") if memory_budget_mb is not None else None
+    result: DedupResult = fuzzy_dedup(lambda: (d for _, d in iter_documents(paths)), cfg,
+                                      memory_budget_mb=memory_budget_mb, workdir=spill_dir, workers=workers)
+    if spill_dir and os.path.isdir(spill_dir):
+        os.rmdir(spill_dir)
+    kept_for = result.kept_for
+    removed = result.removed
+    need = set(np.unique(kept_for[removed]).tolist())
+    names: dict[int, tuple[str, str]] = {}
+    removed_rows: list[tuple[int, str, str]] = []
+    errors: list[dict] = []
+    n = len(paths)
+    writers = [dio.JsonlWriter(os.path.join(output_dir, f"kept-{i:05d}-of-{n:05d}.jsonl")) for i in range(n)]
+    per_source: dict[str, dict] = {}
+    try:
+        for i, (fi, doc) in enumerate(iter_documents(paths, errors)):
+            src = str(doc.get("source", ""))
+            ps = per_source.setdefault(src, {"documents_in": 0, "documents_out": 0, "removed": 0})
+            ps["documents_in"] += 1
+            if i in need:
+                names[i] = (doc["id"], src)
+            if removed[i]:
+                ps["removed"] += 1
+                removed_rows.append((i, doc["id"], src))
+            else:
+                ps["documents_out"] += 1
+                writers[fi].write(doc)
+    finally:
+        for w in writers:
+            w.close()
+    with dio.JsonlWriter(os.path.join(output_dir, "clusters.jsonl")) as w:
+        for i, doc_id, src in removed_rows:
+            kept_id, kept_src = names[int(kept_for[i])]
+            w.write({"id": doc_id, "kept": kept_id, "source": src, "kept_source": kept_src})
+    with dio.JsonlWriter(os.path.join(output_dir, "errors.jsonl")) as w:
+        for e in errors:
+            w.write(e)
+    report = {
+        "documents_in": int(kept_for.size), "documents_out": int((~removed).sum()),
+        "dropped": {"minhash:near_duplicate": int(removed.sum())}, "errors": len(errors),
+        "config": {"threshold": cfg.threshold, "ngram": cfg.ngram, "num_perm": cfg.num_perm,
+                   "bands": result.stats["bands"], "rows": result.stats["rows"], "keep": cfg.keep,
+                   "verify": cfg.verify, "scope": cfg.scope, "seed": cfg.seed,
+                   "memory_budget_mb": memory_budget_mb},
+        "sources": dict(sorted(per_source.items())),
+        "stats": result.stats,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz/.zst), globs or directories")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold (default 0.8)")
+    p.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    p.add_argument("--bands", type=int, default=0, help="LSH bands (default: chosen from the threshold)")
+    p.add_argument("--rows", type=int, default=0, help="rows per band (default: chosen from the threshold)")
+    p.add_argument("--keep", choices=["first", "longest", "score"], default="first",
+                   help="which document of a cluster stays (default first)")
+    p.add_argument("--score-field", default="quality_score", help="field read by --keep score")
+    p.add_argument("--scope", choices=["global", "source"], default="global",
+                   help="duplicates across sources (global) or only within one source")
+    p.add_argument("--verify", action="store_true", help="keep only candidate pairs with exact Jaccard >= threshold")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                   help="RAM for band-key records; beyond it they spill to sorted files (default: no limit)")
+    p.add_argument("--workers", type=int, default=1, help="signature processes (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the hash functions (default 1)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = MinHashConfig(threshold=args.threshold, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
+                            rows=args.rows, keep=args.keep, score_field=args.score_field, scope=args.scope,
+                            verify=args.verify, seed=args.seed)
+    except ValueError as e:
+        print(f"danlu dedup: {e}")
+        return 2
+    report = dedup_files(args.input, args.output, cfg, memory_budget_mb=args.memory_budget, workers=args.workers)
+    st = report["stats"]
+    print(f"{report['documents_in']} documents in, {report['documents_out']} kept, "
+          f"{report['dropped']['minhash:near_duplicate']} near-duplicates removed in {st['clusters']} clusters "
+          f"(bands {st['bands']} x rows {st['rows']}, {st['spill_runs']} spill runs, "
+          f"peak RSS {st['peak_rss_mb']} MB, {report['seconds']} s); {report['errors']} bad lines")
+    print(f"wrote {args.output}")
+    return 0
