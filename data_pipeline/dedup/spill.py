@@ -50,7 +50,7 @@ class RecordIndex:
     @property
     def capacity(self) -> int | None:
         """Records held in memory before a spill (a quarter of the budget: sort needs copies)."""
-        return None if self.budget is None else max(1024, self.budget // (4 * RECORD.itemsize))
+        return None if self.budget is None else max(256, self.budget // (4 * RECORD.itemsize))
 
     def add(self, keys: np.ndarray, docs: np.ndarray) -> None:
         """Adds records; keys uint64 [n], docs int64 [n] (or keys [n, B] with docs [n])."""
@@ -105,7 +105,7 @@ class RecordIndex:
             yield keys[order], docs[order]
             return
         self._spill()
-        block = max(1024, (self.capacity or 1 << 20) // max(1, len(self.runs)))
+        block = max(64, (self.capacity or 1 << 20) // max(1, len(self.runs)))
         readers = [_RunReader(p, block) for p in self.runs]
         pending: list[np.ndarray] = [r.next() for r in readers]
         while True:
