@@ -40,9 +40,16 @@ def _demo(args) -> int:
 # `danlu --help` stays fast.
 COMMANDS: list[tuple[str, str, str]] = [
     ("tokenize", "data_pipeline.tokenize", "train a sentencepiece model and/or encode documents into token shards"),
+    ("clean", "data_pipeline.clean", "clean raw corpora (JSONL, Parquet, WARC/WET, books, code, TFDS) into JSONL shards + a report"),
     ("dedup", "data_pipeline.dedup_cli", "fuzzy (MinHash LSH) dedup of JSONL documents, in bounded memory"),
     ("quality", "data_pipeline.quality", "GPT-3-style quality classifier: train on reference vs crawl, score"),
     ("mix", "data_pipeline.mix", "mix sources by weights or epochs into the input of danlu tokenize"),
+    ("compile", "pretrain.aot", "compile the train step for a TPU topology without a TPU: memory per chip, "
+                                "fit, roofline step time; --search finds a mesh/remat/microbatches that fits"),
+    ("export-hf", "pretrain.hf", "a checkpoint as a Hugging Face LLaMA or GPT-2 directory (safetensors, tokenizer)"),
+    ("import-hf", "pretrain.hf_import", "a Hugging Face LLaMA or GPT-2 model into a run directory danlu train continues"),
+    ("sample", "pretrain.generate", "generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)"),
+    ("eval", "pretrain.evaluate", "loss, perplexity and bits per byte of a checkpoint on token shards or JSONL text"),
 ]
 
 # `danlu launch <target>`: same convention.

@@ -359,21 +359,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import sys
+
     import sentencepiece as spm
 
     try:
         sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    ckpt = load_checkpoint(args.checkpoint, args.step)
-    tok_path = find_tokenizer(ckpt, args.tokenizer)
-    if tok_path is None:
-        raise ConfigError(f"no tokenizer found for {args.checkpoint} (no RUN/tokenizer.model and data.path="
-                          f"{ckpt.cfg.data.path!r} has no manifest.json naming one); pass --tokenizer MODEL")
-    sp = spm.SentencePieceProcessor(model_file=tok_path)
-    prompts = [sp.encode(p) for p in args.prompt]
-    outs = generate(ckpt.params, ckpt.cfg.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                    eos_id=sp.eos_id() if sp.eos_id() >= 0 else None, seed=args.seed)
+        ckpt = load_checkpoint(args.checkpoint, args.step)
+        tok_path = find_tokenizer(ckpt, args.tokenizer)
+        if tok_path is None:
+            raise FileNotFoundError(f"no tokenizer found for {args.checkpoint} (no RUN/tokenizer.model, and data.path="
+                                    f"{ckpt.cfg.data.path!r} has no manifest.json naming one); pass --tokenizer MODEL")
+        sp = spm.SentencePieceProcessor(model_file=tok_path)
+        prompts = [sp.encode(p) for p in args.prompt]
+        outs = generate(ckpt.params, ckpt.cfg.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        eos_id=sp.eos_id() if sp.eos_id() >= 0 else None, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"danlu sample: {e}", file=sys.stderr)
+        return 2
     for text, ids in zip(args.prompt, outs):
         completion = sp.decode([t for t in ids if t != sp.eos_id()])
         if args.json:

@@ -554,7 +554,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    s = export_hf(args.checkpoint, args.out_dir, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
+    import sys
+
+    try:
+        s = export_hf(args.checkpoint, args.out_dir, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"danlu export-hf: {e}", file=sys.stderr)
+        return 2
     print(f"exported step {s['step']} as {s['family']} ({s['parameters']:,} parameters, {s['dtype']}) to {s['out_dir']}"
           + ("" if s["tokenizer"] else "; no tokenizer found (pass --tokenizer MODEL to include one)"))
     return 0

@@ -14,9 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import sys
+
+    from pretrain.config import ConfigError
     from pretrain.hf import import_hf
 
-    s = import_hf(args.hf_dir, args.out_dir, base_config=args.config, overrides=args.overrides)
+    try:
+        s = import_hf(args.hf_dir, args.out_dir, base_config=args.config, overrides=args.overrides)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"danlu import-hf: {e}", file=sys.stderr)
+        return 2
     print(f"imported {s['family']} ({s['parameters']:,} parameters) into {s['out_dir']}; continue pretraining with\n"
           f"  danlu train {s['config']} data.path=SHARDS"
           + ("" if s["tokenizer"] else "\n(no tokenizer.model in the HF directory: tokenize the data with the model's own vocabulary)"))
