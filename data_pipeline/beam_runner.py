@@ -562,6 +562,12 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int = 12) -
     return rep
 
 
+def _count_in(item: tuple[int, dict]) -> tuple[int, dict]:
+    _count(f"in|{_src(item[1])}")
+    _count(f"bytes_in|{_src(item[1])}", _doc_bytes(item[1]))
+    return item
+
+
 def run_docs_beam(docs: Iterable[dict], steps: Sequence[Step], stage_specs: Sequence, *,
                   beam_args: Sequence[str] = (), cc_rounds: int = 12) -> tuple[list[dict], dict[str, int]]:
     """Steps and stages over in-memory documents (order = position), for tests and notebooks.
@@ -577,7 +583,7 @@ def run_docs_beam(docs: Iterable[dict], steps: Sequence[Step], stage_specs: Sequ
     items = [(i, d) for i, d in enumerate(docs)]
     with tempfile.TemporaryDirectory(prefix="danlu-beam-") as tmp:
         with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-            mapped = (p | beam.Create(items)
+            mapped = (p | beam.Create(items) | "count in" >> beam.Map(_count_in)
                       | "steps" >> beam.FlatMap(apply_steps, list(steps)).with_outputs("errors", main="docs"))
             (apply_stages(mapped.docs, stages, cc_rounds)
              | "to json" >> beam.Map(lambda it: dumps_line({"order": it[0], "doc": it[1]}).rstrip("\n"))
