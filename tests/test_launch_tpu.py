@@ -1,0 +1,277 @@
+"""`danlu launch tpu|xpk|dataflow`: golden command lines, arguments reaching gcloud intact, the watch
+loop against a fake `gcloud` executable (a real subprocess that records its argv and answers from a
+script of canned states), and clear errors for a missing project or zone."""
+
+import json
+import os
+import shlex
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launch import tpu
+from launch.gcloud import LaunchError, Runner
+from pretrain.config import CONFIGS_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+TPU_DIR = CONFIGS_DIR / "tpu"
+
+FAKE_GCLOUD = textwrap.dedent('''\
+    #!{python}
+    """A stand-in for gcloud: appends its argv (JSON) to $FAKE_GCLOUD_DIR/calls.jsonl and prints the
+    next canned answer of the first rule whose `match` is in the joined argv (the last one repeats)."""
+    import json, os, sys
+    d = os.environ["FAKE_GCLOUD_DIR"]
+    with open(os.path.join(d, "calls.jsonl"), "a") as f:
+        f.write(json.dumps(sys.argv[1:]) + "\\n")
+    rules_path = os.path.join(d, "rules.json")
+    rules = json.load(open(rules_path)) if os.path.exists(rules_path) else []
+    joined = " ".join(sys.argv[1:])
+    for rule in rules:
+        if rule["match"] in joined:
+            answers = rule["answers"]
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            json.dump(rules, open(rules_path, "w"))
+            sys.stdout.write(answer.get("stdout", ""))
+            sys.stderr.write(answer.get("stderr", ""))
+            sys.exit(answer.get("rc", 0))
+    ''')
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    """PATH gets a fake `gcloud`; returns (set_rules, calls) helpers. No real project or zone leaks in."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "gcloud"
+    exe.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_DIR", str(tmp_path))
+    for var in ("CLOUDSDK_CORE_PROJECT", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_COMPUTE_ZONE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def set_rules(rules):
+        (tmp_path / "rules.json").write_text(json.dumps(rules))
+
+    def calls():
+        p = tmp_path / "calls.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+    set_rules([{"match": "config get-value", "answers": [{"stdout": ""}]}])
+    return set_rules, calls
+
+
+def job(**kw):
+    base = dict(name="danlu-test", config=str(TPU_DIR / "125m-v5e-16.yaml"), project="proj", zone="us-west4-a",
+                accelerator_type="v5litepod-16", overrides=("data.path=gs://b/shards",))
+    base.update(kw)
+    j = tpu.TpuJob(**base)
+    j.check()
+    return j
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden command lines
+
+
+def test_single_host_tpu_vm_golden():
+    j = job(name="one", accelerator_type="v5litepod-8", queued=False, provisioning="preemptible",
+            config=str(CONFIGS_DIR / "train" / "tiny.yaml"), overrides=())
+    assert [shlex.join(c) for c in tpu.create_commands(j)] == [
+        "gcloud compute tpus tpu-vm create one --project=proj --zone=us-west4-a --accelerator-type=v5litepod-8 "
+        "--version=v2-alpha-tpuv5-lite --preemptible"]
+    assert shlex.join(tpu.delete_commands(j)[0]) == "gcloud compute tpus tpu-vm delete one --project=proj --zone=us-west4-a --quiet"
+    assert shlex.join(tpu.status_command(j)) == ("gcloud compute tpus tpu-vm describe one --project=proj "
+                                                 "--zone=us-west4-a '--format=value(state)'")
+    assert [shlex.join(c) for c in tpu.logs_commands(j)] == [
+        "gcloud compute tpus tpu-vm ssh one --project=proj --zone=us-west4-a --worker=0 "
+        "'--command=tail -n 100 danlu-job/train.log'"]
+
+
+def test_pod_queued_spot_golden():
+    j = job(provisioning="spot", network="net-1", subnetwork="sub-1", service_account="sa@proj.iam.gserviceaccount.com",
+            labels={"team": "lm"})
+    assert [shlex.join(c) for c in tpu.create_commands(j)] == [
+        "gcloud compute tpus queued-resources create danlu-test --project=proj --zone=us-west4-a "
+        "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --node-id=danlu-test "
+        "--network=net-1 --subnetwork=sub-1 --service-account=sa@proj.iam.gserviceaccount.com --labels=team=lm --spot"]
+    setup = [shlex.join(c) for c in tpu.setup_commands(j, dist_dir="dist")]
+    wheel = tpu.wheel_name()
+    assert setup[0] == shlex.join([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", "dist", str(ROOT)])
+    assert setup[1] == (f"gcloud compute tpus tpu-vm scp dist/{wheel} danlu-test: --project=proj --zone=us-west4-a "
+                        f"--worker=all")
+    assert setup[2] == ("gcloud compute tpus tpu-vm ssh danlu-test --project=proj --zone=us-west4-a --worker=all "
+                        f"'--command=python3 -m pip install --upgrade '\"'\"'./{wheel}[tpu]'\"'\"''")
+    assert shlex.join(tpu.delete_commands(j)[0]) == (
+        "gcloud compute tpus queued-resources delete danlu-test --project=proj --zone=us-west4-a --force --quiet")
+
+
+def test_multislice_golden_and_config():
+    j = job(name="big", accelerator_type="v6e-256", num_slices=2, provisioning="reserved",
+            config=str(TPU_DIR / "7b-2xv6e-256.yaml"), run_dir="gs://b/runs/7b")
+    assert shlex.join(tpu.create_commands(j)[0]) == (
+        "gcloud compute tpus queued-resources create big --project=proj --zone=us-west4-a --accelerator-type=v6e-256 "
+        "--runtime-version=v2-alpha-tpuv6e --node-count=2 --node-prefix=big --reserved")
+    assert j.nodes == ["big-0", "big-1"]
+    cfg = tpu.resolved_config(j)
+    assert cfg.mesh.dcn_data == 2 and cfg.distributed.auto and cfg.train.run_dir == "gs://b/runs/7b"
+    runs = tpu.run_commands(j, tpu.config_text(cfg))
+    assert [c[5] for c in runs] == ["big-0", "big-1"] and all("--worker=all" in c for c in runs)
+
+
+def test_run_script_starts_train_with_the_resolved_config(tmp_path):
+    """The remote script, run here by bash, writes the config and starts `python -m pretrain.cli train`."""
+    j = job(python=str(tmp_path / "fakepy"), env={"LIBTPU_INIT_ARGS": "--xla_tpu_x=1 $(rm -rf /)"})
+    # A stand-in interpreter that records how it was called (argv and the environment asked for).
+    (tmp_path / "fakepy").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\" > args.txt\nprintf '%s' \"$LIBTPU_INIT_ARGS\" > env.txt\n")
+    (tmp_path / "fakepy").chmod(0o755)
+    cfg = tpu.resolved_config(j)
+    script = tpu.run_script(j, tpu.config_text(cfg))
+    import subprocess
+    import time
+    work = tmp_path / "home"
+    work.mkdir()
+    subprocess.run(["bash", "-c", script], cwd=work, check=True)
+    for _ in range(100):
+        if (work / "danlu-job" / "exit_code").exists():
+            break
+        time.sleep(0.05)
+    assert (work / "danlu-job" / "exit_code").read_text().strip() == "0"
+    assert (work / "args.txt").read_text().split() == ["-m", "pretrain.cli", "train", "danlu-job/config.yaml"]
+    assert (work / "env.txt").read_text() == "--xla_tpu_x=1 $(rm -rf /)"  # reached intact, never expanded
+    from pretrain.config import load_config
+    assert load_config(work / "danlu-job" / "config.yaml") == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the fake gcloud
+
+
+def test_arguments_with_spaces_and_metacharacters_reach_gcloud_intact(fake_gcloud, capsys):
+    set_rules, calls = fake_gcloud
+    from pretrain.cli import main
+
+    nasty = "lm team; rm -rf / && echo $HOME `id` 'q' \"dq\""
+    rc = main(["launch", "tpu", "create", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
+               "--zone", "z-1", "--name", "n1", "--network", nasty, "--service-account", "a b@c"])
+    assert rc == 0
+    (argv,) = calls()
+    assert argv[:6] == ["compute", "tpus", "queued-resources", "create", "n1", "--project=p"]
+    assert f"--network={nasty}" in argv and "--service-account=a b@c" in argv
+
+
+def test_missing_project_or_zone_is_a_clear_error(fake_gcloud, capsys):
+    from pretrain.cli import main
+
+    rc = main(["launch", "tpu", "create", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--dry-run"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no project given: pass --project, set `project:` in the launch config" in err
+    assert "gcloud config set project VALUE" in err
+    rc = main(["launch", "tpu", "create", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
+               "--zone", "", "--dry-run"])
+    assert rc == 2 and "no zone given: pass --zone" in capsys.readouterr().err
+
+
+def test_project_from_gcloud_config(fake_gcloud, capsys):
+    set_rules, calls = fake_gcloud
+    set_rules([{"match": "get-value project", "answers": [{"stdout": "from-gcloud\n"}]},
+               {"match": "get-value compute/zone", "answers": [{"stdout": "europe-west4-b\n"}]}])
+    from pretrain.cli import main
+
+    rc = main(["launch", "tpu", "delete", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--zone", "",
+               "--dry-run"])
+    assert rc == 0
+    assert "--project=from-gcloud --zone=europe-west4-b --force --quiet" in capsys.readouterr().out
+
+
+def test_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
+    set_rules, calls = fake_gcloud
+    from pretrain.cli import main
+
+    rc = main(["launch", "tpu", "up", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
+               "--zone", "z", "--dry-run"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("gcloud compute tpus queued-resources create danlu-125m-v5e-16 --project=p --zone=z")
+    assert any(" -m pip wheel " in l for l in lines) and any("tpu-vm scp" in l for l in lines)
+    assert "pretrain.cli train danlu-job/config.yaml" in lines[-1]
+    assert all(shlex.split(l) for l in lines)
+    assert [c for c in calls() if "get-value" not in " ".join(c)] == []  # nothing ran
+
+
+def test_watch_recreates_a_preempted_queued_resource_and_resumes(fake_gcloud, tmp_path):
+    """Spot TPUs: ACTIVE -> run -> SUSPENDED (preempted) -> delete, create, wait, setup, run -> done."""
+    set_rules, calls = fake_gcloud
+    set_rules([
+        {"match": "queued-resources describe", "answers": [
+            {"stdout": "ACTIVE\n"}, {"stdout": "ACTIVE\n"}, {"stdout": "SUSPENDED\n"},
+            {"stdout": "WAITING_FOR_RESOURCES\n"}, {"stdout": "PROVISIONING\n"}, {"stdout": "ACTIVE\n"},
+            {"stdout": "ACTIVE\n"}, {"stdout": "ACTIVE\n"}]},
+        {"match": "echo running", "answers": [{"stdout": ""}]},
+        {"match": "exit_code 2>/dev/null", "answers": [{"stdout": ""}, {"stdout": ""}, {"stdout": "0\n"}]},
+    ])
+    j = job(provisioning="spot", package="danlu[tpu] @ git+https://example.com/danlu.git@v1", run_dir="gs://b/r")
+    cfg_yaml = tpu.config_text(tpu.resolved_config(j))
+    log: list[str] = []
+    slept: list[float] = []
+    rc = tpu.watch(j, Runner(out=open(os.devnull, "w")), cfg_yaml, interval=7, sleep=slept.append, log=log.append)
+    assert rc == 0
+    verbs = []
+    for argv in calls():
+        joined = " ".join(argv)
+        if "get-value" in joined:
+            continue
+        verb = " ".join(argv[2:4]) if argv[2] == "queued-resources" else argv[3]
+        if verb == "ssh":
+            verb = "ssh:" + ("install" if "pip install" in joined else "run" if "pretrain.cli train" in joined
+                             else "check" if "echo running" in joined else "exit_code")
+        verbs.append(verb)
+    assert verbs == [
+        "queued-resources describe", "ssh:check", "ssh:install", "ssh:run",  # found ACTIVE: start
+        "queued-resources describe", "ssh:exit_code",                        # still training
+        "queued-resources describe", "queued-resources delete", "queued-resources create",  # preempted
+        "queued-resources describe", "queued-resources describe",            # waiting, provisioning
+        "queued-resources describe", "ssh:check", "ssh:install", "ssh:run",  # back: install, resume
+        "queued-resources describe", "ssh:exit_code",
+        "queued-resources describe", "ssh:exit_code",                        # exit code 0: done
+    ]
+    assert slept == [7] * 7  # between the 8 polls
+    assert any("SUSPENDED (preempted or failed)" in l for l in log)
+    run_argv = [a for a in calls() if "pretrain.cli train" in " ".join(a)][-1]
+    assert '"run_dir": "gs://b/r"' in run_argv[-1]  # the resumed run uses the same run directory
+
+
+def test_watch_gives_up_after_max_recreations(fake_gcloud):
+    set_rules, calls = fake_gcloud
+    set_rules([{"match": "queued-resources describe", "answers": [{"stdout": "FAILED\n"}]}])
+    j = job(provisioning="spot")
+    rc = tpu.watch(j, Runner(out=open(os.devnull, "w")), "x: 1\n", interval=0, sleep=lambda s: None,
+                   log=lambda s: None, max_recreations=2)
+    assert rc == 1
+    assert sum("create" in a for a in calls()) == 2
+
+
+def test_gcloud_failure_names_the_command(fake_gcloud):
+    set_rules, calls = fake_gcloud
+    set_rules([{"match": "create", "answers": [{"stderr": "PERMISSION_DENIED: quota", "rc": 1}]}])
+    with pytest.raises(LaunchError, match="command failed with exit code 1: gcloud compute tpus queued-resources create"):
+        Runner(out=open(os.devnull, "w")).run(tpu.create_commands(job())[0])
+
+
+def test_bad_launch_configs_are_refused(tmp_path):
+    bad = tmp_path / "l.yaml"
+    bad.write_text("name: x\nzoen: a\n")
+    with pytest.raises(LaunchError, match="unknown launch key 'zoen'"):
+        tpu.load_job(str(bad), {})
+    with pytest.raises(LaunchError, match="num_slices > 1 needs a queued resource"):
+        job(num_slices=2, queued=False)
+    with pytest.raises(LaunchError, match="provisioning=preemptible is for plain TPU VMs"):
+        job(provisioning="preemptible")
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match="not divisible by mesh"):  # the training config is checked too
+        tpu.resolved_config(job(overrides=("train.global_batch_size=24",)))
