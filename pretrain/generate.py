@@ -29,7 +29,8 @@ import numpy as np
 
 from pretrain.config import Config, ConfigError, ModelConfig, config_from_dict
 
-EOS_ID_DEFAULT = 3  # data_pipeline/tokenize.py fixes pad=0, unk=1, bos=2, eos=3
+EOS_ID_DEFAULT = 3
+PROMPT_BUCKET = 16  # data_pipeline/tokenize.py fixes pad=0, unk=1, bos=2, eos=3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,11 +312,14 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], *, max_ne
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
-    b, plen = len(prompts), max(len(p) for p in prompts)
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
+                         f"exceeds the learned position table (model.max_seq_len={cfg.max_seq_len}); shorten one of them")
+    # Prompt length rounded up to a multiple of 16 (more left padding, which is masked and takes
+    # no positions), so that prompts of similar lengths share one compilation.
+    plen = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     total = plen + max_new_tokens
-    if cfg.position == "learned" and total > cfg.max_seq_len:
-        raise ValueError(f"prompt ({plen} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the learned "
-                         f"position table (model.max_seq_len={cfg.max_seq_len}); shorten one of them")
     pads_B = np.array([plen - len(p) for p in prompts], np.int32)
     tokens_BxP = np.zeros((b, plen), np.int32)
     for i, p in enumerate(prompts):
