@@ -42,17 +42,18 @@ _worker_state: dict = {}
 
 
 def _init_worker(num_perm: int, seed: int, ngram: int, bands: int, rows: int) -> None:
-    _worker_state.update(hasher=MinHasher(num_perm, seed), ngram=ngram, bands=bands, rows=rows)
+    _worker_state.update(hasher=MinHasher(num_perm, seed), ngram=ngram, bands=bands, rows=rows, keep_shingles=False)
 
 
-def _keys_of(batch: tuple[list[str], list[str] | None]) -> tuple[np.ndarray, np.ndarray]:
-    """(band keys uint64 [n, bands], has-shingles bool [n]) of a batch of texts."""
+def _keys_of(batch: tuple[list[str], list[str] | None]) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """(band keys uint64 [n, bands], has-shingles bool [n], the shingle arrays if kept) of a batch."""
     texts, sources = batch
     st = _worker_state
     sh = [shingles(t, st["ngram"]) for t in texts]
     sigs = st["hasher"].signatures(sh)
     salt = string_hash64(sources) if sources is not None else None
-    return band_keys(sigs, st["bands"], st["rows"], salt), np.fromiter((s.size > 0 for s in sh), bool, len(sh))
+    has = np.fromiter((s.size > 0 for s in sh), bool, len(sh))
+    return band_keys(sigs, st["bands"], st["rows"], salt), has, (sh if st.get("keep_shingles") else None)
 
 
 def _batches(docs: Iterable[dict], cfg: MinHashConfig, batch_bytes: int, meta: dict) -> Iterator[tuple]:
@@ -103,7 +104,7 @@ def fuzzy_dedup(corpus: Callable[[], Iterable[dict]], cfg: MinHashConfig = MinHa
     meta = {"lengths": [], "scores": [], "bytes": 0}
     init = (cfg.num_perm, cfg.seed, cfg.ngram, bands, rows)
     n = 0
-    candidates_ok: list[np.ndarray] = []
+    kept_shingles: list[np.ndarray] = []
     pool = None
     try:
         if workers > 1:
@@ -111,11 +112,15 @@ def fuzzy_dedup(corpus: Callable[[], Iterable[dict]], cfg: MinHashConfig = MinHa
             results = pool.imap(_keys_of, _batches(corpus(), cfg, batch_bytes, meta), chunksize=1)
         else:
             _init_worker(*init)
+            # Without a budget, verification reuses the first pass's shingles (about 1.3x the text
+            # in RAM) instead of reading and shingling the corpus again.
+            _worker_state["keep_shingles"] = cfg.verify and budget is None
             results = map(_keys_of, _batches(corpus(), cfg, batch_bytes, meta))
-        for keys, has in results:
+        for keys, has, sh in results:
             docs = np.arange(n, n + keys.shape[0], dtype=np.int64)
             index.add(keys[has], docs[has])  # documents without words join no bucket
-            candidates_ok.append(has)
+            if sh is not None:
+                kept_shingles.extend(sh)
             n += keys.shape[0]
     finally:
         if pool is not None:
@@ -144,10 +149,15 @@ def fuzzy_dedup(corpus: Callable[[], Iterable[dict]], cfg: MinHashConfig = MinHa
                 in_bucket[group] = True
             needed = np.flatnonzero(in_bucket)
             sets: dict[int, np.ndarray] = {}
-            want = set(needed.tolist())
-            for i, doc in enumerate(corpus()):
-                if i in want:
-                    sets[i] = shingle_set(doc["text"], cfg.ngram)
+            if kept_shingles:
+                for i in needed.tolist():
+                    sets[i] = np.unique(kept_shingles[i])
+                kept_shingles.clear()
+            else:
+                want = set(needed.tolist())
+                for i, doc in enumerate(corpus()):
+                    if i in want:
+                        sets[i] = shingle_set(doc["text"], cfg.ngram)
             cache: dict = {}
             u, v, compared = lsh.verified_edges(_groups(index), sets.__getitem__, cfg.threshold, cache)
             comps.add_edges(u, v)
