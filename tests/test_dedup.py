@@ -140,7 +140,7 @@ def test_spilling_gives_the_same_result(planted, tmp_path):
     for cfg in (MinHashConfig(), MinHashConfig(verify=True, keep="longest")):
         ref = fuzzy_dedup(lambda: iter(docs), cfg)
         small = fuzzy_dedup(lambda: iter(docs), cfg, memory_budget_mb=0.02, workdir=str(tmp_path))
-        assert ref.stats["spill_runs"] == 0 and small.stats["spill_runs"] >= 4
+        assert ref.stats["spill_runs"] == 0 and small.stats["spill_runs"] >= 2
         np.testing.assert_array_equal(ref.kept_for, small.kept_for)
         assert ref.removed.sum() > 20
     assert os.listdir(tmp_path) == []  # run files removed

@@ -99,7 +99,7 @@ def fuzzy_dedup(corpus: Callable[[], Iterable[dict]], cfg: MinHashConfig = MinHa
     bands, rows = cfg.band_rows()
     budget = None if memory_budget_mb is None else int(memory_budget_mb * (1 << 20))
     # Text per signature batch: a slice of the budget (its shingles and keys are a few times larger).
-    batch_bytes = 4 << 20 if budget is None else max(1 << 14, min(4 << 20, budget // 16))
+    batch_bytes = 4 << 20 if budget is None else max(1 << 18, min(4 << 20, budget // 4))
     index = RecordIndex(budget, workdir)
     meta = {"lengths": [], "scores": [], "bytes": 0}
     init = (cfg.num_perm, cfg.seed, cfg.ngram, bands, rows)
