@@ -152,11 +152,14 @@ def make_eval_step(cfg: Config, graphdef, abstract_state):
     return eval_step
 
 
-def build(cfg: Config, devices=None, mesh: Mesh | None = None) -> Built:
+def build(cfg: Config, devices=None, mesh: Mesh | None = None, *, abstract: bool = False) -> Built:
     """Validates the config, makes the mesh, creates the sharded state and jits the steps.
 
     State is created sharded without ever being materialised whole: ``eval_shape`` gives shapes,
     the rules table gives shardings, and ``jit(init, out_shardings=...)`` creates each shard in place.
+    ``abstract=True`` allocates nothing: ``state`` is a tree of ``ShapeDtypeStruct`` carrying the
+    shardings, for ``train_step.lower(state, batch).compile()`` ahead of time (devices may then be
+    compile-only TPU devices of a topology, see pretrain/aot.py).
     """
     mesh = mesh or make_mesh(cfg, devices)
     validate(cfg, mesh.devices.size, jax.process_count())
@@ -180,13 +183,16 @@ def build(cfg: Config, devices=None, mesh: Mesh | None = None) -> Built:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           loss_history=jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32))
 
-    abstract = jax.eval_shape(init_state)
+    shapes = jax.eval_shape(init_state)
     opt_sharding = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract.opt_state, param_sharding,
+        optimizer, lambda _, s: s, shapes.opt_state, param_sharding,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
     state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding, loss_history=replicated)
-    with axis_rules(mesh, rules):
-        state = jax.jit(init_state, out_shardings=state_sharding)()
+    if abstract:
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
+    else:
+        with axis_rules(mesh, rules):
+            state = jax.jit(init_state, out_shardings=state_sharding)()
 
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
     step_fn = make_train_step(cfg, graphdef, abstract_state, optimizer, schedule, param_sharding)
@@ -322,7 +328,10 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     built = build(cfg, devices)
     # The eval batches are fixed: assemble them into global arrays once, not at every evaluation.
     eval_batches = [global_batch(b, built.batch_sharding, t.global_batch_size) for b in eval_batches]
-    manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
+    # A URL run dir (gs://bucket/run) stays a URL for orbax (pathlib would fold its "//"): the checkpoints
+    # of a TPU pod go where every host, and the next VM after a preemption, can read them.
+    ckpt_dir = f"{t.run_dir.rstrip('/')}/checkpoints" if "://" in t.run_dir else run_dir / "checkpoints"
+    manager = ckpt_lib.make_manager(ckpt_dir, cfg.checkpoint) if cfg.checkpoint.enabled else None
     state = built.state
 
     def restore_latest() -> bool:

@@ -275,3 +275,75 @@ def test_bad_launch_configs_are_refused(tmp_path):
     from pretrain.config import ConfigError
     with pytest.raises(ConfigError, match="not divisible by mesh"):  # the training config is checked too
         tpu.resolved_config(job(overrides=("train.global_batch_size=24",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# xpk and Dataflow
+
+
+def test_xpk_golden(capsys):
+    from pretrain.cli import main
+
+    rc = main(["launch", "xpk", "--launch", str(TPU_DIR / "launch-7b-2xv6e-256.yaml"), "--project", "p",
+               "--cluster", "c1", "--docker-image", "us-docker.pkg.dev/p/danlu/danlu:1", "--dry-run"])
+    assert rc == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    argv = shlex.split(line)
+    assert argv[:-1] == ["xpk", "workload", "create", "--cluster=c1", "--workload=danlu-7b-v6e", "--tpu-type=v6e-256",
+                         "--num-slices=2", "--docker-image=us-docker.pkg.dev/p/danlu/danlu:1", "--project=p",
+                         "--zone=us-east5-b", "--max-restarts=3"]
+    script = argv[-1].removeprefix("--command=")
+    assert script.endswith("python3 -m pretrain.cli train danlu-job/config.yaml")
+    written = shlex.split(script.split("; ")[1])  # printf '%s' CONFIG > danlu-job/config.yaml
+    cfg = json.loads(written[2])
+    assert cfg["mesh"]["dcn_data"] == 2 and cfg["distributed"]["auto"] is True
+    assert cfg["train"]["run_dir"] == "gs://BUCKET/runs/7b-2xv6e-256"
+
+
+def test_xpk_needs_a_cluster(capsys):
+    from pretrain.cli import main
+
+    rc = main(["launch", "xpk", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
+               "--docker-image", "img", "--dry-run"])
+    assert rc == 2 and "no cluster given: pass --cluster" in capsys.readouterr().err
+
+
+def test_dataflow_golden(fake_gcloud, capsys):
+    from launch.tpu import wheel_name
+    from pretrain.cli import main
+
+    cfg = "configs/data/my job.yaml"  # a space reaches the command intact
+    rc = main(["launch", "dataflow", cfg, "output.compression=zst", "--project", "p", "--region", "us-central1",
+               "--temp-location", "gs://b/tmp", "--output", "gs://b/clean/web", "--machine-type", "n2-standard-8",
+               "--max-workers", "50", "--dry-run"])
+    assert rc == 0
+    build, run = [shlex.split(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert build == [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", "dist", str(ROOT)]
+    assert run == [sys.executable, "-m", "pretrain.cli", "clean", cfg, "output.compression=zst", "--runner", "beam",
+                   "--output", "gs://b/clean/web", "--", "--runner=DataflowRunner", "--project=p",
+                   "--region=us-central1", "--temp_location=gs://b/tmp", "--staging_location=gs://b/tmp/staging",
+                   "--job_name=danlu-clean-my-job", "--machine_type=n2-standard-8", "--max_num_workers=50",
+                   f"--extra_package=dist/{wheel_name()}"]
+
+
+def test_dataflow_flink_spark_and_errors(fake_gcloud, capsys):
+    from pretrain.cli import main
+
+    rc = main(["launch", "dataflow", "c.yaml", "--runner", "flink", "--flink-master", "localhost:8081",
+               "--parallelism", "4", "--output", "out", "--container-image", "img:1", "--dry-run"])
+    assert rc == 0
+    (run,) = [shlex.split(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert run[run.index("--") + 1:] == ["--runner=FlinkRunner", "--flink_master=localhost:8081",
+                                         "--environment_type=LOOPBACK", "--parallelism=4", "--sdk_container_image=img:1"]
+    rc = main(["launch", "dataflow", "c.yaml", "--runner", "spark", "--spark-master", "spark://h:7077", "--output",
+               "out", "--package", "none", "--option", "max_bundle_size=10", "--dry-run"])
+    (run,) = [shlex.split(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert run[run.index("--") + 1:] == ["--runner=SparkRunner", "--spark_master_url=spark://h:7077",
+                                         "--environment_type=LOOPBACK", "--max_bundle_size=10"]
+    rc = main(["launch", "dataflow", "c.yaml", "--region", "r", "--temp-location", "gs://b/t", "--output", "gs://b/o",
+               "--dry-run"])
+    assert rc == 2 and "no project given: pass --project" in capsys.readouterr().err
+    rc = main(["launch", "dataflow", "c.yaml", "--project", "p", "--region", "r", "--output", "gs://b/o", "--dry-run"])
+    assert rc == 2 and "no --temp-location given" in capsys.readouterr().err
+    rc = main(["launch", "dataflow", "c.yaml", "--runner", "flink", "--output", "o", "--dry-run"])
+    assert rc == 2 and "--runner flink needs --flink-master" in capsys.readouterr().err
