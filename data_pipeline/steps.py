@@ -96,7 +96,7 @@ def _load_builtin_steps() -> None:
 
 
 # Modules whose import registers steps. Each room adds its module here.
-BUILTIN_STEP_MODULES: list[str] = ["data_pipeline.dedup.decontam", "data_pipeline.quality", "data_pipeline.extract"]
+BUILTIN_STEP_MODULES: list[str] = ["data_pipeline.dedup.decontam", "data_pipeline.quality", "data_pipeline.extract", "data_pipeline.filters"]
 
 
 def build_step(spec: str | dict[str, Any], where: str = "steps") -> Step:
