@@ -526,7 +526,7 @@ def pipeline_options(args: Sequence[str] = ()):
     return PipelineOptions(list(args) or ["--runner=DirectRunner"])
 
 
-def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int = 12) -> dict:
+def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None = None) -> dict:
     """Runs a planned cleaning job (data_pipeline.clean.Job) on Beam; writes documents/,
     errors.jsonl and the report into the job's output directory; returns the report."""
     beam = _beam()
@@ -536,6 +536,8 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int = 12) -
     cfg = job.config
     out = job.output_dir
     stages = build_stages(getattr(cfg, "stages", ()) or ())
+    if cc_rounds is None:
+        cc_rounds = int(dict(getattr(cfg, "stage_options", ()) or ()).get("cc_rounds", 12))
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     suffix = {"gz": ".jsonl.gz", "zst": ".jsonl", "none": ".jsonl"}[cfg.output.compression]

@@ -100,6 +100,10 @@ class CleanConfig:
     runner: str = "local"  # local | beam
     strict: bool = False  # exit non-zero when any record went to errors.jsonl
     progress: bool = True  # a progress bar on stderr when it is a terminal
+    # Corpus stages after the map phase (exact/url/lines/minhash dedup, decontamination, ...) and
+    # their options (memory_budget_mb, cc_rounds): data_pipeline/dedup/stages.py (issue 4).
+    stages: tuple[Any, ...] = ()
+    stage_options: tuple[tuple[str, Any], ...] = ()
 
 
 def _read_yaml(path: str) -> dict:
@@ -195,6 +199,12 @@ def config_from_dict(tree: dict) -> CleanConfig:
     inputs = tree.pop("inputs", None) or []
     readers = tree.pop("readers", None) or {}
     steps = tree.pop("steps", None) or []
+    stages = tree.pop("stages", None) or []
+    stage_options = tree.pop("stage_options", None) or {}
+    if not isinstance(stages, list):
+        raise ConfigError(f"stages: expected a list of stages, got {stages!r}")
+    if not isinstance(stage_options, dict):
+        raise ConfigError(f"stage_options: expected a mapping, got {stage_options!r}")
     if not isinstance(inputs, list):
         raise ConfigError(f"inputs: expected a list of inputs, got {inputs!r}")
     if not isinstance(readers, dict):
@@ -203,7 +213,8 @@ def config_from_dict(tree: dict) -> CleanConfig:
         raise ConfigError(f"steps: expected a list of steps, got {steps!r}")
     cfg = _build(CleanConfig, tree, "")
     cfg = dataclasses.replace(cfg, inputs=tuple(_build_input(x, f"inputs[{i}]") for i, x in enumerate(inputs)),
-                              readers=tuple(readers.items()), steps=tuple(steps))
+                              readers=tuple(readers.items()), steps=tuple(steps), stages=tuple(stages),
+                              stage_options=tuple(stage_options.items()))
     common = {f.name for f in dataclasses.fields(R.CommonOptions)}
     for k, v in readers.items():
         if k in R.READERS:
@@ -395,6 +406,10 @@ def plan(cfg: CleanConfig) -> Job:
     if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://"):
         raise ConfigError(f"output.dir={cfg.output.dir!r}: the local runner writes to a local directory")
     steps = tuple(build_steps(list(cfg.steps), "steps"))
+    if cfg.stages or cfg.stage_options:  # corpus stages: checked now, run after the map phase
+        from data_pipeline.dedup.stages import check_stage_config
+
+        check_stage_config(list(cfg.stages), dict(cfg.stage_options))
     shards: list[R.Shard] = []
     for i, inp in enumerate(cfg.inputs):
         where = f"inputs[{i}]"
@@ -781,15 +796,25 @@ def finalize(job: Job, shard_stats: list[dict], run: dict) -> dict:
     return rep
 
 
-def run_job(job: Job, workers: int | None = None, progress: bool | None = None) -> dict:
-    """Runs a planned job with its runner; returns the report (also written to the output directory)."""
+def run_job(job: Job, workers: int | None = None, progress: bool | None = None,
+            beam_args: typing.Sequence[str] = ()) -> dict:
+    """Runs a planned job with its runner; returns the report (also written to the output directory).
+
+    `beam_args`: Beam pipeline options for runner=beam (what follows `--` on the command line).
+    """
     cfg = job.config
     if cfg.runner == "beam":
-        raise ConfigError("runner=beam is not available yet (it arrives with the Beam runner of issue 4); "
-                          "use --runner local")
-    stats, run = run_local(job, cfg.workers if workers is None else workers,
-                           cfg.progress if progress is None else progress)
-    return finalize(job, stats, run)
+        from data_pipeline.beam_runner import run_job_beam
+
+        return run_job_beam(job, beam_args)
+    workers = cfg.workers if workers is None else workers
+    stats, run = run_local(job, workers, cfg.progress if progress is None else progress)
+    rep = finalize(job, stats, run)
+    if cfg.stages:  # corpus stages over the map phase's documents; their drops join the report
+        from data_pipeline.dedup.stages import run_job_stages
+
+        rep = run_job_stages(job, rep, workers=workers or os.cpu_count() or 1)
+    return rep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,7 +844,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, inputs=args.input, reader=args.reader, source=args.source,
                       output=args.output, workers=args.workers, runner=args.runner, strict=args.strict)
     job = plan(cfg)
-    rep = run_job(job, progress=args.progress)
+    rep = run_job(job, progress=args.progress, beam_args=getattr(args, "passthrough", None) or ())
     n_in, n_out = rep["documents_in"], rep["documents_out"]
     dropped = sum(rep["dropped"].values())
     print(f"{job.config.name}: {n_in} records in, {n_out} kept ({100 * n_out / max(n_in, 1):.1f}%), "

@@ -101,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.steps import StepError
     from pretrain.config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `danlu clean ... -- OPTIONS`: what follows `--` are Beam pipeline options, handed on untouched
+    # (other commands, e.g. `danlu launch local -- CMD`, read their own `--`).
+    passthrough: list[str] = []
+    if argv[:1] == ["clean"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.passthrough = passthrough
     try:
         return args.func(args) or 0
     except (ConfigError, StepError) as e:

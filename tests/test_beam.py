@@ -108,3 +108,55 @@ def test_steps_then_stages_counters(corpus):
     rep = beam_runner.report_from_counters("t", ["test_min_words"], counters)
     assert rep["accounted"] and rep["documents_in"] == len(corpus)
     assert rep["documents_out"] == len(kept) == len(corpus) - 2
+
+
+def _documents(out_dir):
+    import glob
+    import os
+
+    return sorted((d["id"], d["text"]) for p in glob.glob(os.path.join(out_dir, "documents", "*"))
+                  for d in dio.read_jsonl(p))
+
+
+def test_danlu_clean_local_and_beam_keep_the_same_documents(corpus, tmp_path):
+    """`danlu clean` with per-document steps and corpus stages, on both runners."""
+    import json
+
+    import yaml
+
+    from pretrain.cli import main
+
+    dio.write_jsonl(str(tmp_path / "a.jsonl"), corpus[:40])
+    dio.write_jsonl(str(tmp_path / "b.jsonl"), corpus[40:])
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write("{broken\n")
+    job = {"name": "t", "inputs": [{"path": str(tmp_path / "a.jsonl"), "source": "web"},
+                                   {"path": str(tmp_path / "b.jsonl"), "source": "code"}],
+           "steps": [{"step": "test_min_words", "min_words": 60}],
+           "stages": ["exact", {"stage": "lines", "max_count": 3},
+                      {"stage": "minhash", "threshold": 0.8, "keep": "longest"}],
+           "stage_options": {"memory_budget_mb": 0.05, "cc_rounds": 6},
+           "output": {"compression": "gz", "docs_per_shard": 20}, "workers": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    local, beam_out = tmp_path / "local", tmp_path / "beam"
+    assert main(["clean", str(tmp_path / "job.yaml"), "--output", str(local), "--no-progress"]) == 0
+    assert main(["clean", str(tmp_path / "job.yaml"), "--output", str(beam_out), "--runner", "beam",
+                 "--no-progress", "--", "--runner=DirectRunner"]) == 0
+    docs_local, docs_beam = _documents(local), _documents(beam_out)
+    assert docs_local == docs_beam and len(docs_local) < len(corpus) - 15
+    rl = json.loads((local / "report.json").read_text())
+    rb = json.loads((beam_out / "report.json").read_text())
+    assert rl["accounted"] and rb["accounted"]
+    for key in ("documents_in", "documents_out", "dropped", "errors", "bytes_in", "bytes_out", "bytes_dropped"):
+        assert rl[key] == rb[key], key
+    assert rl["per_source"].keys() == rb["per_source"].keys() == {"web", "code"}
+    assert rl["dropped"]["minhash:near_duplicate"] > 5 and rl["dropped"]["exact:duplicate"] == 1
+    assert rl["documents_out"] == len(docs_local) and rl["errors"] == 1
+    # rerun: nothing is redone, the stages are not applied twice
+    assert main(["clean", str(tmp_path / "job.yaml"), "--output", str(local), "--no-progress"]) == 0
+    assert _documents(local) == docs_local
+    assert json.loads((local / "report.json").read_text())["dropped"] == rl["dropped"]
+    bad = dict(job, stages=["exact", {"stage": "minhash", "treshold": 0.8}])
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["clean", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert not (tmp_path / "x").exists()  # refused before any work

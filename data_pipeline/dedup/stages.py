@@ -216,6 +216,21 @@ def build_stages(specs: Iterable, where: str = "stages") -> list[CorpusStage]:
     return [build_stage(s, f"{where}[{i}]") for i, s in enumerate(specs)]
 
 
+STAGE_OPTIONS = {"memory_budget_mb": (int, float), "cc_rounds": (int,)}
+
+
+def check_stage_config(specs: list, options: dict) -> list[CorpusStage]:
+    """The job's `stages:` and `stage_options:` checked (StepError naming the key) before any work."""
+    for key, value in options.items():
+        if key not in STAGE_OPTIONS:
+            close = difflib.get_close_matches(str(key), STAGE_OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(STAGE_OPTIONS)}"
+            raise StepError(f"stage_options: unknown option {key!r}{hint}")
+        if isinstance(value, bool) or not isinstance(value, STAGE_OPTIONS[key]) or value <= 0:
+            raise StepError(f"stage_options.{key} must be a positive number, got {value!r}")
+    return build_stages(specs)
+
+
 # --------------------------------------------------------------------------- local runner
 
 
