@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data_pipeline.dedup import lsh
-from data_pipeline.dedup.minhash import MinHashConfig, MinHasher, band_keys, shingle_set, shingles, string_hash64
+from data_pipeline.dedup.minhash import (MinHashConfig, MinHasher, band_keys, shingle_set, shingles, sorted_unique,
+                                         string_hash64)
 from data_pipeline.dedup.spill import RecordIndex, peak_memory
 
 
@@ -151,7 +152,7 @@ def fuzzy_dedup(corpus: Callable[[], Iterable[dict]], cfg: MinHashConfig = MinHa
             sets: dict[int, np.ndarray] = {}
             if kept_shingles:
                 for i in needed.tolist():
-                    sets[i] = np.unique(kept_shingles[i])
+                    sets[i] = sorted_unique(kept_shingles[i])
                 kept_shingles.clear()
             else:
                 want = set(needed.tolist())

@@ -110,7 +110,7 @@ def verified_edges(groups: Iterator[np.ndarray], shingle_sets: Callable[[int], n
     verdict across buckets (a near-duplicate pair shares many buckets). Returns (u, v, pairs
     compared).
     """
-    from data_pipeline.dedup.minhash import jaccard
+    from data_pipeline.dedup.minhash import jaccard_at_least
 
     cache = {} if cache is None else cache
     us: list[int] = []
@@ -133,7 +133,7 @@ def verified_edges(groups: Iterator[np.ndarray], shingle_sets: Callable[[int], n
                     continue
                 verdict = cache.get((j, i))
                 if verdict is None:
-                    verdict = jaccard(shingle_sets(j), shingle_sets(i)) >= threshold
+                    verdict = jaccard_at_least(shingle_sets(j), shingle_sets(i), threshold)
                     cache[(j, i)] = verdict
                     compared += 1
                 if verdict:

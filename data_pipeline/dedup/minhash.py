@@ -112,17 +112,45 @@ def shingles(text: str, ngram: int = 5) -> np.ndarray:
     return splitmix64(acc)
 
 
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a uint64 array (a sort and a mask: faster than np.unique here)."""
+    if x.size < 2:
+        return x.copy()
+    y = np.sort(x)
+    keep = np.empty(y.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(y[1:], y[:-1], out=keep[1:])
+    return y[keep]
+
+
 def shingle_set(text: str, ngram: int = 5) -> np.ndarray:
     """uint64 [distinct shingles], sorted: the set exact Jaccard is computed on."""
-    return np.unique(shingles(text, ngram))
+    return sorted_unique(shingles(text, ngram))
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """|A ∩ B| / |A ∪ B| of two sorted unique uint64 arrays (0 when both are empty)."""
     if a.size == 0 and b.size == 0:
         return 0.0
-    inter = np.intersect1d(a, b, assume_unique=True).size
+    if a.size < b.size:
+        a, b = b, a
+    if b.size == 0:
+        return 0.0
+    pos = np.searchsorted(a, b)  # the smaller set looked up in the larger: no merge sort
+    pos[pos == a.size] = 0
+    inter = int(np.count_nonzero(a[pos] == b))
     return inter / (a.size + b.size - inter)
+
+
+def jaccard_at_least(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    """jaccard(a, b) >= threshold, with the cheap cases first: sizes too far apart
+    (J <= min/max) and identical sets."""
+    small, large = (a.size, b.size) if a.size <= b.size else (b.size, a.size)
+    if large == 0 or small < threshold * large:
+        return False
+    if a.size == b.size and np.array_equal(a, b):
+        return True
+    return jaccard(a, b) >= threshold
 
 
 class MinHasher:
