@@ -220,6 +220,7 @@ def config_from_dict(tree: dict) -> CleanConfig:
         if k in R.READERS:
             if not isinstance(v, dict):
                 raise ConfigError(f"readers.{k}: expected a mapping of options, got {v!r}")
+            _build(R.READERS[k].options, v, f"readers.{k}")  # unknown keys and types, named as written
         elif k not in common:
             raise _unknown(str(k), [*common, *R.READERS], "readers")
     if cfg.runner not in RUNNERS:
@@ -857,3 +858,13 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # `python -m data_pipeline.clean CONFIG ...`: the same as `danlu clean`
+    _parser = argparse.ArgumentParser(prog="danlu clean", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except (ConfigError, StepError) as _e:
+        print(f"danlu: invalid config: {_e}", file=sys.stderr)
+        sys.exit(2)

@@ -266,14 +266,16 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def open_input(path: str) -> io.BufferedReader:
+def open_input(path: str) -> BinaryIO:
     """Opens a local file or URL for binary reading, decompressing .gz/.zst by suffix.
 
     A truncated compressed stream raises EOFError while reading (never a silent end of file).
     """
     raw = fsspec.open(path, "rb").open() if is_url(path) else open(path, "rb")
     if path.endswith(".gz"):
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 16)
+        # GzipFile is buffered itself (peek, readline, read1); another BufferedReader on top would
+        # fill its buffer with several reads and lose the bytes before a truncation.
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if path.endswith((".zst", ".zstd")):
         return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 16)
     return io.BufferedReader(raw, buffer_size=1 << 16) if not isinstance(raw, io.BufferedReader) else raw
@@ -536,21 +538,60 @@ def _read_warc(shard: Shard, counters: Counter) -> Iterator[Record]:
                 if not f.peek(1):
                     yield ReadError(path, "empty_file", "empty file (no records)")
                     continue
-                for rec in ArchiveIterator(f, record_types=mask, parse_http=True, stream_detect=False):
+            except _STREAM_ERRORS as e:
+                yield ReadError(path, "truncated", f"stream ended early or is damaged: {e}", {"offset": 0})
+                continue
+            guard = _EofGuard(f)
+            try:
+                for rec in ArchiveIterator(guard, record_types=mask, parse_http=True, stream_detect=False):
                     if held is not None:
                         yield held[1]
                     held = (rec.stream_pos, _warc_record(rec, shard, path, name, o, counters))
                     count += 1
-                if held is not None:
-                    yield held[1]
-                if count == 0:
-                    yield ReadError(path, "empty_file", f"no WARC records of type {list(o.records)}")
-            except _STREAM_ERRORS as e:
+            except _STREAM_ERRORS as e:  # fastwarc's own parse errors
+                guard.error = guard.error or e
+            if guard.error is not None:
+                # the record being read when the stream broke is incomplete: set aside, not passed on
                 where = {"offset": held[0]} if held is not None else {"offset": 0}
-                yield ReadError(path, "truncated", f"stream ended early or is damaged: {e}", where)
+                yield ReadError(path, "truncated", f"stream ended early or is damaged: {guard.error}", where)
+            elif held is not None:
+                yield held[1]
+            if count == 0 and guard.error is None:
+                yield ReadError(path, "empty_file", f"no WARC records of type {list(o.records)}")
+
+
+class _EofGuard(io.RawIOBase):
+    """Turns a read error of the underlying (decompressing) stream into a clean end of file, noted in
+    `error`: fastwarc reads ahead in big blocks and would lose the complete records before the break."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._pos = 0
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # fastwarc asks for the position
+        return self._pos
+
+    def readinto(self, b) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            # read1: at most one read of the decompressor, so the bytes before a break are returned
+            data = self._f.read1(min(len(b), 1 << 16))
+        except _STREAM_ERRORS as e:
+            self.error = e
+            return 0
+        n = len(data)
+        b[:n] = data
+        self._pos += n
+        return n
 
 
 def _warc_record(rec, shard: Shard, path: str, name: str, o: WarcOptions, counters: Counter) -> Record:
+    from fastwarc.warc import WarcRecordType
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
     pos = rec.stream_pos
@@ -562,8 +603,7 @@ def _warc_record(rec, shard: Shard, path: str, name: str, o: WarcOptions, counte
     record_id = (rec.record_id or "").strip("<>").removeprefix("urn:uuid:")
     url = rec.headers.get("WARC-Target-URI", "")
     meta = {"record_id": record_id, "date": rec.record_date.isoformat() if rec.record_date else None}
-    rtype = rec.record_type.name
-    if rtype == "response" and rec.is_http:
+    if rec.record_type == WarcRecordType.response and rec.is_http:
         status = rec.http_headers.status_code
         ctype = (rec.http_content_type or "").lower()
         meta.update(status=status, content_type=ctype)

@@ -1,0 +1,34 @@
+"""Every shipped cleaning preset (configs/data/*.yaml) parses, names known readers with valid
+options, and builds its steps (unknown steps or bad thresholds would fail here)."""
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import clean as C
+from data_pipeline import readers as R
+from data_pipeline.steps import build_steps
+
+PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs" / "data").glob("*.yaml"))
+
+
+def test_the_four_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"web", "books", "code", "mixed"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_parses_and_builds(path):
+    text = path.read_text()
+    assert text.startswith("#") and "danlu clean configs/data/" in text.split("\nname:")[0]  # self-documenting header
+    cfg = C.load_config(path)
+    assert cfg.inputs and cfg.steps and cfg.output.dir
+    steps = build_steps(list(cfg.steps))
+    assert [s.name for s in steps]
+    for i, inp in enumerate(cfg.inputs):
+        reader = R.guess_reader(inp.path) if inp.reader == "auto" else inp.reader
+        assert reader in R.READERS
+        R.check_options(reader, C.reader_options(cfg, inp, reader, f"inputs[{i}]"), f"inputs[{i}]")
+    if any(i.reader == "warc" and "response" in C.reader_options(cfg, i, "warc", "").records for i in cfg.inputs):
+        assert steps[0].name == "html_extract"
+    # an override reaches a step
+    first = steps[-1].name
+    assert C.load_config(path, [f"steps.{first}.step={first}"]).steps[-1]["step"] == first
