@@ -244,19 +244,24 @@ def sample_logits(logits_BxV, key, sampling: Sampling):
     if sampling.greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits = logits_BxV.astype(jnp.float32) / sampling.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        kth_Bx1 = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth_Bx1, neg, logits)
+    b, v = logits.shape
+    if not (sampling.top_k and sampling.top_k < v) and sampling.top_p >= 1.0:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if sampling.top_k and sampling.top_k < v:
+        # Only the k best survive: do the rest on [B, k] (already sorted), not on [B, V].
+        # Ties at the k-th value are broken by index (lax.top_k), so exactly k tokens remain.
+        sorted_BxC, index_BxC = jax.lax.top_k(logits, sampling.top_k)
+    else:
+        index_BxC = jnp.broadcast_to(jnp.argsort(-logits, axis=-1), (b, v))
+        sorted_BxC = jnp.take_along_axis(logits, index_BxC, axis=-1)
     if sampling.top_p < 1.0:
         # Keep the smallest set of most likely tokens whose probability reaches top_p (the most
         # likely token always stays): a token is kept if the mass before it is below top_p.
-        sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        cutoff_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff_Bx1, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        probs_BxC = jax.nn.softmax(sorted_BxC, axis=-1)
+        before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+        sorted_BxC = jnp.where(before_BxC < sampling.top_p, sorted_BxC, -jnp.inf)
+    choice_B = jax.random.categorical(key, sorted_BxC, axis=-1)
+    return jnp.take_along_axis(index_BxC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=16)
