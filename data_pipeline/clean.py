@@ -404,7 +404,7 @@ def plan(cfg: CleanConfig) -> Job:
         raise ConfigError("inputs: the job has no input (set `inputs:` or pass --input)")
     if not cfg.output.dir:
         raise ConfigError("output.dir is not set (set it in the config or pass --output)")
-    if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://"):
+    if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://") and cfg.runner == "local":
         raise ConfigError(f"output.dir={cfg.output.dir!r}: the local runner writes to a local directory")
     steps = tuple(build_steps(list(cfg.steps), "steps"))
     if cfg.stages or cfg.stage_options:  # corpus stages: checked now, run after the map phase
@@ -608,13 +608,13 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
                 error(R.ReadError(shard.name, "too_large", f"document {doc['id']} of {n_in} bytes exceeds "
                                   f"max_doc_bytes={max_bytes}", {"id": doc["id"]}, n_in, doc["text"][:100]))
                 continue
-            result, failed = doc, None
+            current, drop, failed = doc, None, None
             for k, step in enumerate(steps):
                 stats.steps[k]["documents_in"] += 1
-                before = result["text"]
+                before = current.get("text")
                 t0 = time.perf_counter()
                 try:
-                    out_doc = step.apply(result)
+                    out_doc = step.apply(current)
                 except Exception as ex:  # noqa: BLE001 - one bad document must not end the job
                     failed = f"{step.name}: {type(ex).__name__}: {ex}"
                     break
@@ -622,24 +622,26 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
                     stats.step_seconds[k] += time.perf_counter() - t0
                 if isinstance(out_doc, Drop):
                     stats.steps[k]["dropped"] += 1
-                    result = out_doc
+                    drop = out_doc
                     break
-                after = out_doc.get("text")
+                if not isinstance(out_doc, dict) or not isinstance(out_doc.get("text"), str):
+                    failed = f"{step.name}: returned {type(out_doc).__name__} without a string `text`"
+                    break
+                after = out_doc["text"]
                 if after is not before and after != before:
                     stats.steps[k]["changed"] += 1
-                result = out_doc
+                current = out_doc
             if failed is not None:
-                error(R.ReadError(shard.name, "step_failed", failed, {"id": doc["id"]}, n_in, before[:100]))
+                error(R.ReadError(shard.name, "step_failed", failed, {"id": doc["id"]}, n_in,
+                                  str(current.get("text", ""))[:100]))
                 continue
-            if isinstance(result, Drop):
-                stats.dropped(source, result.reason, n_in,
-                              {"id": doc.get("id"), "source": source, "text": doc["text"][:600]})
+            if drop is not None:  # the example and the rejected copy show what the dropping step saw
+                stats.dropped(source, drop.reason, n_in,
+                              {"id": current.get("id"), "source": source, "text": current["text"][:600]})
                 if rejected is not None:
-                    rejected.write({**doc, "drop_reason": result.reason})
+                    rejected.write({**current, "drop_reason": drop.reason})
                 continue
-            if not isinstance(result.get("text"), str):
-                error(R.ReadError(shard.name, "step_failed", "a step left no string `text`", {"id": doc["id"]}, n_in))
-                continue
+            result = current
             stats.kept(source, n_in, R.doc_bytes(result))
             docs.write(result)
 

@@ -357,3 +357,49 @@ def test_report_merge_examples_and_balance():
     assert [e["id"] for e in rep["examples"]["a:x"]] == ["1", "2", "1"]
     bad = dict(shard, documents_out=2)
     assert not report_mod.merge("n", [], [bad])["accounted"]
+
+
+def _english_page(rng, i):
+    adj = "quiet old busy small bright local northern modern public early famous new".split()
+    noun = "council library river bridge market school station garden museum harbour village farmer teacher".split()
+    verb = "opened visited repaired described praised closed reviewed improved funded painted".split()
+    sentences = [f"The {rng.choice(adj)} {rng.choice(noun)} {rng.choice(verb)} the {rng.choice(adj)} "
+                 f"{rng.choice(noun)} with {rng.choice(['care', 'help', 'pride', 'money'])} and "
+                 f"{rng.choice(['patience', 'skill', 'speed', 'humour'])} that {rng.choice(['spring', 'summer', 'week', 'year'])} "
+                 f"{rng.randint(1900, 2024)}." for _ in range(rng.randint(12, 20))]
+    paras = ["".join(f"<p>{s}</p>" for s in sentences[k:k + 4]) for k in range(0, len(sentences), 4)]
+    return (f"<html><head><title>Story {i}</title></head><body><nav>Home | News | Contact</nav><article>"
+            + "".join(paras) + f"<p>Write to editor{i}@example.com with any questions about the story.</p>"
+            + "</article><footer>Copyright 2024</footer></body></html>")
+
+
+def test_web_preset_end_to_end_on_a_warc(tmp_path):
+    """configs/data/web.yaml through `danlu clean` on a WARC written here: extraction, language,
+    Gopher, C4, FineWeb, PII; every record accounted for."""
+    from pretrain.cli import main as danlu
+    from test_clean_readers import _http, _warc_bytes
+
+    rng = random.Random(0)
+    records = [("response", f"http://news.example/{i}", _http(_english_page(rng, i).encode())) for i in range(12)]
+    records.append(("response", "http://x/de", _http(("<p>" + "Der Zug kam heute Morgen pünktlich an, und die "
+                                                     "Reisenden waren sehr zufrieden. " * 12 + "</p>").encode())))
+    records.append(("response", "http://x/short", _http(b"<p>Too short.</p>")))
+    records.append(("response", "http://x/img", _http(b"GIF89a", ctype="image/gif")))
+    (tmp_path / "cc.warc.gz").write_bytes(_warc_bytes(records))
+    out = tmp_path / "web"
+    rc = danlu(["clean", str(ROOT / "configs/data/web.yaml"), "output.rejected=true", "--input",
+                str(tmp_path / "cc.warc.gz"), "--output", str(out), "--workers", "1", "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    check_accounting(rep)
+    assert rep["documents_in"] == 15 and rep["per_source"]["commoncrawl"]["documents_in"] == 15
+    assert rep["dropped"]["warc:not_html"] == 1
+    assert any(r.startswith("language:") for r in rep["dropped"])
+    kept = read_docs((out / "documents").glob("*.jsonl.gz"))
+    assert len(kept) >= 8, rep["dropped"]
+    assert all("html" not in d and d["url"].startswith("http://news.example/") and d["title"].startswith("Story")
+               for d in kept)
+    assert all("@example.com" not in d["text"] and "Home | News" not in d["text"] for d in kept)
+    rejected = read_docs((out / "rejected").glob("*.jsonl.gz"))
+    de = [d for d in rejected if d["url"] == "http://x/de"]
+    assert de and de[0]["drop_reason"].startswith("language:") and "Der Zug" in de[0]["text"]
