@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gzip
 import hashlib
 import importlib
 import importlib.util
@@ -499,26 +500,62 @@ class ShardStats:
                 "error_kinds": dict(self.error_kinds), "examples": self.examples}
 
 
+class _JsonlPart:
+    """One output file: JSON lines, gzip (level 6, no timestamp or name in the header), zstd
+    (level 3, single-threaded) or plain, written in blocks; the same documents give the same bytes."""
+
+    def __init__(self, path: str, compression: str):
+        self._raw = open(path, "wb")
+        if compression == "gz":
+            self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6)
+        elif compression == "zst":
+            import zstandard
+
+            self._f = zstandard.ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
+        else:
+            self._f = self._raw
+        self._block: list[str] = []
+        self._block_bytes = 0
+        self.count = 0
+
+    def write(self, obj: dict) -> None:
+        line = dumps_line(obj)
+        self._block.append(line)
+        self._block_bytes += len(line)
+        self.count += 1
+        if self._block_bytes >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._block:
+            self._f.write("".join(self._block).encode("utf-8", "surrogatepass"))
+            self._block, self._block_bytes = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        if self._f is not self._raw:
+            self._f.close()
+        self._raw.close()
+
+
 class _PartWriter:
     """Writes one shard's documents into parts of `per_part` documents, under temporary names.
 
     `commit()` renames the parts into place; nothing is visible under the final names before it.
     """
 
-    def __init__(self, directory: str, shard: int, suffix: str, per_part: int):
-        self.directory, self.shard, self.suffix, self.per_part = directory, shard, suffix, per_part
+    def __init__(self, directory: str, shard: int, compression: str, per_part: int):
+        self.directory, self.shard, self.per_part = directory, shard, per_part
+        self.compression, self.suffix = compression, COMPRESSION_SUFFIX[compression]
         self.parts: list[tuple[str, int]] = []  # (final path, documents)
-        self._writer = None
+        self._writer: _JsonlPart | None = None
 
     def write(self, obj: dict) -> None:
         if self._writer is None or self._writer.count >= self.per_part:
             self._close_current()
-            from data_pipeline.io import JsonlWriter
-
             final = os.path.join(self.directory, f"part-{self.shard:05d}-{len(self.parts):04d}{self.suffix}")
             self.parts.append((final, 0))
-            # the temporary name keeps the compression suffix: JsonlWriter compresses by suffix
-            self._writer = JsonlWriter(_tmp_name(final))
+            self._writer = _JsonlPart(_tmp_name(final), self.compression)
         self._writer.write(obj)
 
     def _close_current(self) -> None:
@@ -575,9 +612,9 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
     """
     cfg, out = job.config, job.output_dir
     _remove_shard_files(out, shard.index)
-    suffix = COMPRESSION_SUFFIX[cfg.output.compression]
-    docs = _PartWriter(os.path.join(out, DOCUMENTS_DIR), shard.index, suffix, cfg.output.docs_per_shard)
-    rejected = (_PartWriter(os.path.join(out, REJECTED_DIR), shard.index, suffix, cfg.output.docs_per_shard)
+    compression = cfg.output.compression
+    docs = _PartWriter(os.path.join(out, DOCUMENTS_DIR), shard.index, compression, cfg.output.docs_per_shard)
+    rejected = (_PartWriter(os.path.join(out, REJECTED_DIR), shard.index, compression, cfg.output.docs_per_shard)
                 if cfg.output.rejected else None)
     err_final = os.path.join(out, STATE_DIR, f"errors-{shard.index:05d}.jsonl")
     steps = job.steps

@@ -269,6 +269,12 @@ def test_same_bytes_for_any_worker_count_and_compression(tmp_path, steps_file):
     assert output_files(tmp_path / "w1") == output_files(tmp_path / "w2")
     _, rep = run(job_tree(steps_file, [str(tmp_path / "in")], tmp_path / "zst", output={"compression": "zst"}))
     assert sorted(p.suffix for p in (tmp_path / "zst" / "documents").iterdir()) == [".zst"] * len(rep["files"])
+    import zstandard
+
+    zst_docs = []
+    for p in sorted((tmp_path / "zst" / "documents").iterdir()):
+        zst_docs += [json.loads(x) for x in zstandard.ZstdDecompressor().decompressobj().decompress(p.read_bytes()).splitlines()]
+    assert zst_docs == read_docs((tmp_path / "w1" / "documents").glob("*.jsonl.gz"))
 
 
 def test_bad_inputs_corpus(tmp_path, steps_file):
