@@ -253,3 +253,17 @@ def cpu_peak_flops() -> float:
         json.dump(cache, f, indent=1, sort_keys=True)
     os.replace(f.name, path)
     return flops
+
+
+def training_flops(model_cfg: Any, seq_len: int, tokens: float) -> dict[str, float]:
+    """Training compute of a run of `tokens` tokens, counted two ways.
+
+    `flops` is the exact count of `flops_per_token` (every matmul incl. attention and the
+    output layer) times tokens; `flops_6nd = 6 * N * D` with N the total parameter count of
+    `count_params` (Chinchilla's approximation). Returns {"flops", "flops_6nd", "params",
+    "params_nonembed"}.
+    """
+    counts = count_params(model_cfg)
+    per_token = flops_per_token(model_cfg, seq_len)["total"]
+    return {"flops": float(per_token) * tokens, "flops_6nd": 6.0 * counts["total"] * tokens,
+            "params": counts["total"], "params_nonembed": counts["nonembed"]}

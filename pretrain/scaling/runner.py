@@ -1,0 +1,139 @@
+"""Sweep runner: trains every point of a sweep, one after another in this process, skipping
+finished points, and appends one row per run to `<output>/runs.csv`.
+
+runs.csv columns (the runs-table contract of DESIGN.md first, then details):
+    params, params_nonembed, tokens, flops (exact count, pretrain.flops.flops_per_token × tokens),
+    flops_6nd (6·N·D with N total), loss (final eval loss), name, budget, train_loss, d_model,
+    n_layers, n_heads, d_ff, batch, seq_len, steps, lr, seconds, run_dir, config
+A point is finished when runs.csv has its name; a run that finished without its row (killed
+between the two) gets its row from its summary.json instead of being trained again.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from pretrain.config import ConfigError
+from pretrain.scaling.plan import Point, SweepConfig, demo_shards_dir, plan_sweep, point_config
+
+COLUMNS = ["params", "params_nonembed", "tokens", "flops", "flops_6nd", "loss", "name", "budget", "train_loss",
+           "d_model", "n_layers", "n_heads", "d_ff", "batch", "seq_len", "steps", "lr", "seconds", "run_dir", "config"]
+
+
+def prepare_demo_data(s: SweepConfig, log: Callable[[str], None] = print) -> Path:
+    """Builds the demo corpus, a sentencepiece tokenizer and token shards under `<output>/data`
+    (once; reused when manifest.json is there). Nothing is downloaded."""
+    from data_pipeline.demo_corpus import build_demo_corpus
+    from data_pipeline.tokenize import encode_to_shards, train_tokenizer
+
+    shards = demo_shards_dir(s)
+    work = shards.parent
+    stamp = work / "demo_data.json"  # the settings the shards were built with; other settings rebuild them
+    settings = dataclasses.asdict(s.demo_data)
+    if (shards / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return shards
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.jsonl"
+    build_demo_corpus(str(corpus), max_bytes=s.demo_data.max_bytes)
+    model = train_tokenizer([str(corpus)], str(work / "tokenizer"), vocab_size=s.demo_data.vocab_size)
+    manifest = encode_to_shards([str(corpus)], str(shards), model, num_shards=4, eval_fraction=0.02)
+    stamp.write_text(json.dumps(settings) + "\n")
+    log(f"demo data: {sum(x['tokens'] for x in manifest['shards']):,} tokens in {shards}")
+    return shards
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Appends one row; writes the header for a new file; refuses a file with other columns."""
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            raise ConfigError(f"{path}: its columns {header} are not the runs-table columns {COLUMNS}; "
+                              f"use another sweep output directory")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def make_row(p: Point, summary: dict, run_dir: Path) -> dict:
+    if summary.get("final_eval_loss") is None:
+        raise RuntimeError(f"sweep point {p.name}: the run ended without an eval loss ({run_dir}/summary.json)")
+    return {"params": p.params, "params_nonembed": p.params_nonembed, "tokens": p.tokens, "flops": f"{p.flops:.6g}",
+            "flops_6nd": f"{p.flops_6nd:.6g}", "loss": f"{summary['final_eval_loss']:.6f}", "name": p.name,
+            "budget": f"{p.budget:.6g}", "train_loss": f"{summary['final_loss']:.6f}", "d_model": p.d_model,
+            "n_layers": p.n_layers, "n_heads": p.n_heads, "d_ff": p.d_ff, "batch": p.batch, "seq_len": p.seq_len,
+            "steps": p.steps, "lr": f"{p.lr:.6g}", "seconds": f"{summary.get('seconds', 0):.1f}",
+            "run_dir": str(run_dir), "config": str(run_dir / "config.yaml")}
+
+
+def _finished_summary(run_dir: Path, p: Point) -> dict | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("steps") == p.steps and not summary.get("stopped_early") and summary.get("final_eval_loss") is not None:
+        return summary
+    return None
+
+
+def run_point(s: SweepConfig, p: Point, csv_path: Path, log: Callable[[str], None] = print,
+              verbose: bool = False) -> dict:
+    """Trains one point (or reuses its finished run) and appends its row; returns the row."""
+    from pretrain.train import train
+
+    cfg = point_config(s, p)
+    run_dir = Path(cfg.train.run_dir)
+    summary = _finished_summary(run_dir, p)
+    if summary is None:
+        summary = train(cfg, log=log if verbose else (lambda _msg: None))
+        if summary.get("signal") or summary.get("stopped_early"):
+            raise RuntimeError(f"sweep point {p.name} stopped early ({summary.get('signal') or 'time limit'}); "
+                               f"rerun the sweep to continue it")
+    row = make_row(p, summary, run_dir)
+    append_row(csv_path, row)
+    return row
+
+
+def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bool = False,
+              only: list[str] | None = None) -> list[dict]:
+    """Plans (validating every point first), then trains each unfinished point; returns all rows
+    of runs.csv. `only`: names of the points to run (default all)."""
+    if s.demo_data.enabled:
+        prepare_demo_data(s, log)
+    points = plan_sweep(s)
+    if only:
+        unknown = sorted(set(only) - {p.name for p in points})
+        if unknown:
+            raise ConfigError(f"--only: no sweep points named {unknown}; the points are {[p.name for p in points]}")
+        points = [p for p in points if p.name in only]
+    out = Path(s.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps([dataclasses.asdict(p) for p in plan_sweep(s)], indent=1) + "\n")
+    csv_path = out / "runs.csv"
+    done = {r["name"] for r in read_rows(csv_path)}
+    t0 = time.perf_counter()
+    for i, p in enumerate(points):
+        tag = f"[{i + 1}/{len(points)}] {p.name}: N={p.params:,} (non-emb {p.params_nonembed:,}) D={p.tokens:,} " \
+              f"steps={p.steps} lr={p.lr:.3g}"
+        if p.name in done:
+            log(f"{tag}: done already, skipped")
+            continue
+        t1 = time.perf_counter()
+        row = run_point(s, p, csv_path, log, verbose)
+        log(f"{tag}: loss {float(row['loss']):.4f} ({time.perf_counter() - t1:.0f} s)")
+    log(f"sweep done in {time.perf_counter() - t0:.0f} s: {csv_path}")
+    return read_rows(csv_path)
