@@ -539,7 +539,9 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None 
     if cc_rounds is None:
         cc_rounds = int(dict(getattr(cfg, "stage_options", ()) or ()).get("cc_rounds", 12))
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
+    remote = "://" in out and not out.startswith("file://")  # gs://, s3://: Beam's FileSystems write it
+    if not remote:
+        os.makedirs(out, exist_ok=True)
     suffix = {"gz": ".jsonl.gz", "zst": ".jsonl", "none": ".jsonl"}[cfg.output.compression]
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         read = (p | "shards" >> beam.Create(list(job.shards)) | "spread" >> beam.Reshuffle()
@@ -556,11 +558,23 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None 
     rep = report_from_counters(cfg.name, [s.name for s in job.steps], counters_of(result))
     rep["shards"] = len(job.shards)
     rep["stages"] = [{"stage": getattr(s, "name", "") or s.step.name} for s in stages]
-    rep["files"] = [[os.path.join("documents", n), None] for n in sorted(os.listdir(os.path.join(out, "documents")))]
+    from apache_beam.io.filesystems import FileSystems
+
+    matched = FileSystems.match([out.rstrip("/") + "/documents/part*"])[0].metadata_list
+    rep["files"] = [["documents/" + m.path.rsplit("/", 1)[-1], None] for m in sorted(matched, key=lambda m: m.path)]
     rep["run"] = {"runner": "beam", "pipeline_options": list(beam_args) or ["--runner=DirectRunner"],
                   "wall_seconds": round(time.time() - t0, 3), "shards": len(job.shards), "shards_resumed": 0,
                   "workers": None, "cc_unconverged": counters_of(result).get("minhash:cc_unconverged", 0)}
-    report_mod.write_report(out, rep)
+    if not remote:
+        report_mod.write_report(out, rep)
+        return rep
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # written here, then copied next to the documents
+        report_mod.write_report(tmp, rep)
+        for name in ("report.json", "report.md", "removals.png"):
+            with open(os.path.join(tmp, name), "rb") as src, FileSystems.create(f"{out.rstrip('/')}/{name}") as dst:
+                dst.write(src.read())
     return rep
 
 
