@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gzip
 import hashlib
 import importlib
 import importlib.util
@@ -220,6 +221,7 @@ def config_from_dict(tree: dict) -> CleanConfig:
         if k in R.READERS:
             if not isinstance(v, dict):
                 raise ConfigError(f"readers.{k}: expected a mapping of options, got {v!r}")
+            _build(R.READERS[k].options, v, f"readers.{k}")  # unknown keys and types, named as written
         elif k not in common:
             raise _unknown(str(k), [*common, *R.READERS], "readers")
     if cfg.runner not in RUNNERS:
@@ -403,7 +405,7 @@ def plan(cfg: CleanConfig) -> Job:
         raise ConfigError("inputs: the job has no input (set `inputs:` or pass --input)")
     if not cfg.output.dir:
         raise ConfigError("output.dir is not set (set it in the config or pass --output)")
-    if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://"):
+    if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://") and cfg.runner == "local":
         raise ConfigError(f"output.dir={cfg.output.dir!r}: the local runner writes to a local directory")
     steps = tuple(build_steps(list(cfg.steps), "steps"))
     if cfg.stages or cfg.stage_options:  # corpus stages: checked now, run after the map phase
@@ -498,26 +500,62 @@ class ShardStats:
                 "error_kinds": dict(self.error_kinds), "examples": self.examples}
 
 
+class _JsonlPart:
+    """One output file: JSON lines, gzip (level 6, no timestamp or name in the header), zstd
+    (level 3, single-threaded) or plain, written in blocks; the same documents give the same bytes."""
+
+    def __init__(self, path: str, compression: str):
+        self._raw = open(path, "wb")
+        if compression == "gz":
+            self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6)
+        elif compression == "zst":
+            import zstandard
+
+            self._f = zstandard.ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
+        else:
+            self._f = self._raw
+        self._block: list[str] = []
+        self._block_bytes = 0
+        self.count = 0
+
+    def write(self, obj: dict) -> None:
+        line = dumps_line(obj)
+        self._block.append(line)
+        self._block_bytes += len(line)
+        self.count += 1
+        if self._block_bytes >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._block:
+            self._f.write("".join(self._block).encode("utf-8", "surrogatepass"))
+            self._block, self._block_bytes = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        if self._f is not self._raw:
+            self._f.close()
+        self._raw.close()
+
+
 class _PartWriter:
     """Writes one shard's documents into parts of `per_part` documents, under temporary names.
 
     `commit()` renames the parts into place; nothing is visible under the final names before it.
     """
 
-    def __init__(self, directory: str, shard: int, suffix: str, per_part: int):
-        self.directory, self.shard, self.suffix, self.per_part = directory, shard, suffix, per_part
+    def __init__(self, directory: str, shard: int, compression: str, per_part: int):
+        self.directory, self.shard, self.per_part = directory, shard, per_part
+        self.compression, self.suffix = compression, COMPRESSION_SUFFIX[compression]
         self.parts: list[tuple[str, int]] = []  # (final path, documents)
-        self._writer = None
+        self._writer: _JsonlPart | None = None
 
     def write(self, obj: dict) -> None:
         if self._writer is None or self._writer.count >= self.per_part:
             self._close_current()
-            from data_pipeline.io import JsonlWriter
-
             final = os.path.join(self.directory, f"part-{self.shard:05d}-{len(self.parts):04d}{self.suffix}")
             self.parts.append((final, 0))
-            # the temporary name keeps the compression suffix: JsonlWriter compresses by suffix
-            self._writer = JsonlWriter(_tmp_name(final))
+            self._writer = _JsonlPart(_tmp_name(final), self.compression)
         self._writer.write(obj)
 
     def _close_current(self) -> None:
@@ -574,9 +612,9 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
     """
     cfg, out = job.config, job.output_dir
     _remove_shard_files(out, shard.index)
-    suffix = COMPRESSION_SUFFIX[cfg.output.compression]
-    docs = _PartWriter(os.path.join(out, DOCUMENTS_DIR), shard.index, suffix, cfg.output.docs_per_shard)
-    rejected = (_PartWriter(os.path.join(out, REJECTED_DIR), shard.index, suffix, cfg.output.docs_per_shard)
+    compression = cfg.output.compression
+    docs = _PartWriter(os.path.join(out, DOCUMENTS_DIR), shard.index, compression, cfg.output.docs_per_shard)
+    rejected = (_PartWriter(os.path.join(out, REJECTED_DIR), shard.index, compression, cfg.output.docs_per_shard)
                 if cfg.output.rejected else None)
     err_final = os.path.join(out, STATE_DIR, f"errors-{shard.index:05d}.jsonl")
     steps = job.steps
@@ -607,13 +645,13 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
                 error(R.ReadError(shard.name, "too_large", f"document {doc['id']} of {n_in} bytes exceeds "
                                   f"max_doc_bytes={max_bytes}", {"id": doc["id"]}, n_in, doc["text"][:100]))
                 continue
-            result, failed = doc, None
+            current, drop, failed = doc, None, None
             for k, step in enumerate(steps):
                 stats.steps[k]["documents_in"] += 1
-                before = result["text"]
+                before = current.get("text")
                 t0 = time.perf_counter()
                 try:
-                    out_doc = step.apply(result)
+                    out_doc = step.apply(current)
                 except Exception as ex:  # noqa: BLE001 - one bad document must not end the job
                     failed = f"{step.name}: {type(ex).__name__}: {ex}"
                     break
@@ -621,24 +659,26 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
                     stats.step_seconds[k] += time.perf_counter() - t0
                 if isinstance(out_doc, Drop):
                     stats.steps[k]["dropped"] += 1
-                    result = out_doc
+                    drop = out_doc
                     break
-                after = out_doc.get("text")
+                if not isinstance(out_doc, dict) or not isinstance(out_doc.get("text"), str):
+                    failed = f"{step.name}: returned {type(out_doc).__name__} without a string `text`"
+                    break
+                after = out_doc["text"]
                 if after is not before and after != before:
                     stats.steps[k]["changed"] += 1
-                result = out_doc
+                current = out_doc
             if failed is not None:
-                error(R.ReadError(shard.name, "step_failed", failed, {"id": doc["id"]}, n_in, before[:100]))
+                error(R.ReadError(shard.name, "step_failed", failed, {"id": doc["id"]}, n_in,
+                                  str(current.get("text", ""))[:100]))
                 continue
-            if isinstance(result, Drop):
-                stats.dropped(source, result.reason, n_in,
-                              {"id": doc.get("id"), "source": source, "text": doc["text"][:600]})
+            if drop is not None:  # the example and the rejected copy show what the dropping step saw
+                stats.dropped(source, drop.reason, n_in,
+                              {"id": current.get("id"), "source": source, "text": current["text"][:600]})
                 if rejected is not None:
-                    rejected.write({**doc, "drop_reason": result.reason})
+                    rejected.write({**current, "drop_reason": drop.reason})
                 continue
-            if not isinstance(result.get("text"), str):
-                error(R.ReadError(shard.name, "step_failed", "a step left no string `text`", {"id": doc["id"]}, n_in))
-                continue
+            result = current
             stats.kept(source, n_in, R.doc_bytes(result))
             docs.write(result)
 
@@ -857,3 +897,13 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # `python -m data_pipeline.clean CONFIG ...`: the same as `danlu clean`
+    _parser = argparse.ArgumentParser(prog="danlu clean", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    try:
+        sys.exit(main(_parser.parse_args()))
+    except (ConfigError, StepError) as _e:
+        print(f"danlu: invalid config: {_e}", file=sys.stderr)
+        sys.exit(2)
