@@ -497,12 +497,14 @@ def main(args) -> int:
                 "stop": lambda: stop_commands(job), "delete": lambda: delete_commands(job),
                 "up": lambda: create_commands(job) + setup_commands(job) + run_commands(job, config_yaml)}
         if a == "watch":
+            # Progress to stderr: stdout carries only commands (what a dry run promises).
             return watch(job, runner, config_yaml, interval=args.interval, max_recreations=args.max_recreations,
-                         max_restarts=args.max_restarts, delete_when_done=args.delete_when_done)
+                         max_restarts=args.max_restarts, delete_when_done=args.delete_when_done,
+                         log=lambda s: print(f"[watch {time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True))
         if a == "up" and not args.dry_run:
             for cmd in create_commands(job):
                 runner.run(cmd)
-            wait_until_ready(job, runner, args.interval, time.sleep, print)
+            wait_until_ready(job, runner, args.interval, time.sleep, lambda s: print(s, file=sys.stderr, flush=True))
             for cmd in setup_commands(job) + run_commands(job, config_yaml):
                 runner.run(cmd)
             return 0

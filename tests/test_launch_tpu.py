@@ -347,3 +347,16 @@ def test_dataflow_flink_spark_and_errors(fake_gcloud, capsys):
     assert rc == 2 and "no --temp-location given" in capsys.readouterr().err
     rc = main(["launch", "dataflow", "c.yaml", "--runner", "flink", "--output", "o", "--dry-run"])
     assert rc == 2 and "--runner flink needs --flink-master" in capsys.readouterr().err
+
+
+def test_watch_dry_run_prints_only_commands(fake_gcloud, capsys):
+    from pretrain.cli import main
+
+    rc = main(["launch", "tpu", "watch", "--launch", str(TPU_DIR / "launch-7b-2xv6e-256.yaml"), "--project", "p",
+               "--dry-run"])
+    assert rc == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert all(shlex.split(l)[0] in ("gcloud", sys.executable) for l in lines)
+    assert sum("pretrain.cli train" in l for l in lines) == 2  # one run command per slice
+    assert "installing danlu and starting training" in out.err
