@@ -542,7 +542,7 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None 
     remote = "://" in out and not out.startswith("file://")  # gs://, s3://: Beam's FileSystems write it
     if not remote:
         os.makedirs(out, exist_ok=True)
-    suffix = {"gz": ".jsonl.gz", "zst": ".jsonl", "none": ".jsonl"}[cfg.output.compression]
+    suffix = {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl"}[cfg.output.compression]  # AUTO by suffix
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         read = (p | "shards" >> beam.Create(list(job.shards)) | "spread" >> beam.Reshuffle()
                 | "read" >> beam.FlatMap(read_shard).with_outputs("errors", main="docs"))
