@@ -40,7 +40,7 @@ def full_logits(params, m: ModelConfig, tokens):
     return np.asarray(model(jnp.asarray(tokens)) @ model.unembedding())
 
 
-@pytest.mark.parametrize("m", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("m", [LLAMA, pytest.param(GPT2, marks=pytest.mark.slow)], ids=["llama", "gpt2"])
 def test_cache_decode_logits_equal_full_forward(m):
     params = init_params(m)
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 12)).astype(np.int32)
@@ -55,7 +55,7 @@ def test_cache_decode_logits_equal_full_forward(m):
         np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
 
 
-@pytest.mark.parametrize("m", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("m", [pytest.param(LLAMA, marks=pytest.mark.slow), GPT2], ids=["llama", "gpt2"])
 def test_batched_prompts_equal_one_at_a_time(m):
     params = init_params(m)
     batched = generate(params, m, PROMPTS, max_new_tokens=10, eos_id=None)
@@ -68,6 +68,7 @@ def test_batched_prompts_equal_one_at_a_time(m):
     assert [int(np.argmax(logits[i - 1])) for i in range(len(PROMPTS[1]), len(seq))] == batched[1]
 
 
+@pytest.mark.slow
 def test_eos_stops_each_row_on_its_own():
     params = init_params(LLAMA)
     free = generate(params, LLAMA, PROMPTS, max_new_tokens=8, eos_id=None)
@@ -78,7 +79,7 @@ def test_eos_stops_each_row_on_its_own():
         assert row == (ref[:ref.index(eos) + 1] if eos in ref else ref)
 
 
-@pytest.mark.parametrize("m", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("m", [LLAMA, pytest.param(GPT2, marks=pytest.mark.slow)], ids=["llama", "gpt2"])
 def test_greedy_equals_transformers_generate(m, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
