@@ -59,7 +59,8 @@ def open_binary(path: str, mode: str = "rb") -> BinaryIO:
     if kind == "zstd":
         _require_zstandard(path)
         if mode == "rb":
-            return zstandard.open(path, "rb")
+            # Buffered: zstandard's reader is not line-iterable (iter_jsonl reads lines).
+            return io.BufferedReader(zstandard.open(path, "rb"))
         return zstandard.open(path, "wb", cctx=zstandard.ZstdCompressor(level=10))
     return open(path, mode)
 

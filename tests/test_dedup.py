@@ -271,7 +271,7 @@ def test_dedup_cli(planted, tmp_path):
     from pretrain.cli import main
 
     docs, truth = planted
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.zst"
     dio.write_jsonl(str(a), [dict(d, extra={"k": i}) for i, d in enumerate(docs[:140])])
     dio.write_jsonl(str(b), docs[140:])
     with open(a, "a") as f:
