@@ -437,7 +437,8 @@ def plan(cfg: CleanConfig) -> Job:
     key = {"steps": [[s.name, _canon(s)] for s in steps],
            "shards": [[s.reader, s.source, [rel for _, rel in s.files], s.span, s.dataset, _canon(s.options)]
                       for s in shards],
-           "output": [o.compression, o.docs_per_shard, o.rejected, o.examples_per_reason]}
+           "output": [o.compression, o.docs_per_shard, o.rejected, o.examples_per_reason],
+           "stages": [_canon(list(cfg.stages)), _canon(dict(cfg.stage_options))]}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Job(cfg, steps, tuple(shards), fingerprint)
 
@@ -448,7 +449,7 @@ def plan(cfg: CleanConfig) -> Job:
 
 def _empty_counts() -> dict:
     return {"documents_in": 0, "documents_out": 0, "dropped": {}, "errors": 0, "bytes_in": 0, "bytes_out": 0,
-            "bytes_dropped": {}, "bytes_errors": 0, "bytes_edited": 0}
+            "bytes_dropped": {}, "bytes_errors": 0, "bytes_edited": 0, "pii_redactions": {}}
 
 
 class ShardStats:
@@ -474,11 +475,13 @@ class ShardStats:
             c["documents_in"] += 1
             c["bytes_in"] += nbytes
 
-    def kept(self, source: str, nbytes_in: int, nbytes_out: int) -> None:
+    def kept(self, source: str, nbytes_in: int, nbytes_out: int, pii: dict | None = None) -> None:
         for c in self._both(source):
             c["documents_out"] += 1
             c["bytes_out"] += nbytes_out
             c["bytes_edited"] += nbytes_in - nbytes_out
+            for kind, n in (pii or {}).items():  # the `pii` step's replacements on this document
+                c["pii_redactions"][kind] = c["pii_redactions"].get(kind, 0) + n
 
     def dropped(self, source: str, reason: str, nbytes: int, example: dict) -> None:
         for c in self._both(source):
@@ -679,7 +682,7 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
                     rejected.write({**current, "drop_reason": drop.reason})
                 continue
             result = current
-            stats.kept(source, n_in, R.doc_bytes(result))
+            stats.kept(source, n_in, R.doc_bytes(result), result.get("pii_redactions"))
             docs.write(result)
 
     # Commit: parts and errors renamed into place, then the marker. A kill before the marker

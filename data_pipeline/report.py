@@ -24,7 +24,7 @@ COUNT_KEYS = ("documents_in", "documents_out", "errors", "bytes_in", "bytes_out"
 def _add(into: dict, other: dict) -> None:
     for k in COUNT_KEYS:
         into[k] = into.get(k, 0) + other.get(k, 0)
-    for k in ("dropped", "bytes_dropped"):
+    for k in ("dropped", "bytes_dropped", "pii_redactions"):
         d = into.setdefault(k, {})
         for reason, n in other.get(k, {}).items():
             d[reason] = d.get(reason, 0) + n
@@ -43,7 +43,7 @@ def balanced(c: dict) -> bool:
 
 def merge(name: str, step_names: list[str], shards: list[dict], examples_per_reason: int = 3) -> dict:
     """One report from the stats of every shard (in shard order, so examples are deterministic)."""
-    total: dict = {k: 0 for k in COUNT_KEYS} | {"dropped": {}, "bytes_dropped": {}}
+    total: dict = {k: 0 for k in COUNT_KEYS} | {"dropped": {}, "bytes_dropped": {}, "pii_redactions": {}}
     per_source: dict[str, dict] = {}
     steps = [{"step": n, "documents_in": 0, "dropped": 0, "changed": 0} for n in step_names]
     error_kinds: dict[str, int] = {}
@@ -53,7 +53,8 @@ def merge(name: str, step_names: list[str], shards: list[dict], examples_per_rea
     for s in shards:
         _add(total, s)
         for src, c in s["per_source"].items():
-            _add(per_source.setdefault(src, {k: 0 for k in COUNT_KEYS} | {"dropped": {}, "bytes_dropped": {}}), c)
+            _add(per_source.setdefault(src, {k: 0 for k in COUNT_KEYS} | {"dropped": {}, "bytes_dropped": {},
+                                                                             "pii_redactions": {}}), c)
         for agg, st in zip(steps, s["steps"]):
             for k in ("documents_in", "dropped", "changed"):
                 agg[k] += st[k]
@@ -72,6 +73,7 @@ def merge(name: str, step_names: list[str], shards: list[dict], examples_per_rea
     for c in [total, *per_source.values()]:
         c["dropped"] = _sorted_counts(c["dropped"])
         c["bytes_dropped"] = dict(sorted(c["bytes_dropped"].items()))
+        c["pii_redactions"] = dict(sorted(c["pii_redactions"].items()))
     report: dict[str, Any] = {"name": name, **total}
     report["error_kinds"] = _sorted_counts(error_kinds)
     report["per_source"] = dict(sorted(per_source.items()))
@@ -133,6 +135,9 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {st['step']} | {st['documents_in']:,} | {st['dropped']:,} ({_pct(st['dropped'], st['documents_in'])}) "
                          f"| {st['changed']:,} | {secs.get(st['step'], 0):.2f} |")
         lines.append("")
+    if r.get("pii_redactions"):
+        lines += ["PII replaced in kept documents: "
+                  + ", ".join(f"{k} {v:,}" for k, v in r["pii_redactions"].items()), ""]
     if r["reader_counters"]:
         lines += ["Reader notes: " + ", ".join(f"{k} {v:,}" for k, v in r["reader_counters"].items()), ""]
     if r["examples"]:

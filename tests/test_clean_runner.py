@@ -406,6 +406,7 @@ def test_web_preset_end_to_end_on_a_warc(tmp_path):
     assert all("html" not in d and d["url"].startswith("http://news.example/") and d["title"].startswith("Story")
                for d in kept)
     assert all("@example.com" not in d["text"] and "Home | News" not in d["text"] for d in kept)
+    assert rep["pii_redactions"]["email"] == len(kept)  # one address per kept story, counted in the report
     rejected = read_docs((out / "rejected").glob("*.jsonl.gz"))
     de = [d for d in rejected if d["url"] == "http://x/de"]
     assert de and de[0]["drop_reason"].startswith("language:") and "Der Zug" in de[0]["text"]
