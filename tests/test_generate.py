@@ -36,8 +36,13 @@ def full_logits(params, m: ModelConfig, tokens):
     from pretrain.train import merge_model
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(m, 0)))
-    model = merge_model(graphdef, abstract, params)
-    return np.asarray(model(jnp.asarray(tokens)) @ model.unembedding())
+
+    @jax.jit
+    def logits(params, tokens):
+        model = merge_model(graphdef, abstract, params)
+        return model(tokens) @ model.unembedding()
+
+    return np.asarray(logits(params, jnp.asarray(tokens)))
 
 
 @pytest.mark.parametrize("m", [LLAMA, pytest.param(GPT2, marks=pytest.mark.slow)], ids=["llama", "gpt2"])
