@@ -40,6 +40,10 @@ def _demo(args) -> int:
 # `danlu --help` stays fast.
 COMMANDS: list[tuple[str, str, str]] = [
     ("tokenize", "data_pipeline.tokenize", "train a sentencepiece model and/or encode documents into token shards"),
+    ("sweep", "pretrain.scaling.cmd_sweep", "plan and run a scaling sweep of small runs (configs/scaling/*.yaml) into runs.csv"),
+    ("fit", "pretrain.scaling.cmd_fit", "fit scaling laws to a runs table: Chinchilla approaches 1-3, GPT-4 form, bootstrap"),
+    ("predict", "pretrain.scaling.cmd_predict", "loss at (N, D) or compute-optimal N, D and loss at C, from a fit.json"),
+    ("fit-curve", "pretrain.scaling.cmd_fit_curve", "fit one run's loss curve and predict its final loss"),
     ("clean", "data_pipeline.clean", "clean raw corpora (JSONL, Parquet, WARC/WET, books, code, TFDS) into JSONL shards + a report"),
     ("dedup", "data_pipeline.dedup_cli", "fuzzy (MinHash LSH) dedup of JSONL documents, in bounded memory"),
     ("quality", "data_pipeline.quality", "GPT-3-style quality classifier: train on reference vs crawl, score"),

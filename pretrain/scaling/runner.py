@@ -137,3 +137,53 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
         log(f"{tag}: loss {float(row['loss']):.4f} ({time.perf_counter() - t1:.0f} s)")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {csv_path}")
     return read_rows(csv_path)
+
+
+def predict_and_run(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bool = False,
+                    run: bool = True) -> dict:
+    """The predictable-scaling demo on a finished sweep: fit its runs.csv (Approach 3 with
+    bootstrap), pick the compute-optimal model for budget_factor × the largest sweep budget, write
+    the predicted loss to `<output>/prediction.json` BEFORE training it, then train it (run dir
+    `<output>/predicted`) and add the measured loss and the relative error to the same file."""
+    from pretrain.scaling.fit import fit_all, predict_at, read_runs
+    from pretrain.scaling.plan import plan_big_run
+    from pretrain.scaling.plots import plot_all
+
+    import numpy as np
+
+    out = Path(s.output)
+    runs = read_runs(out / "runs.csv")
+    budget = s.predict.budget_factor * max(float(r["budget"]) for r in read_rows(out / "runs.csv"))
+    fit = fit_all(runs, bootstrap=s.predict.bootstrap, predict_C=[budget])
+    fit_dir = out / "fit"
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    (fit_dir / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+    plot_all(runs, fit, fit_dir)
+    at_c = fit["predictions"][0]
+    if not at_c.get("N_opt") or not np.isfinite(at_c["N_opt"]):
+        raise RuntimeError(f"the fit gives no compute-optimal N at C={budget:.3g} ({fit_dir / 'fit.json'})")
+    p = plan_big_run(s, at_c["N_opt"], budget, params_kind="total")
+    samples = np.array(fit["approach3"]["samples"], dtype=float) if "samples" in fit["approach3"] else None
+    pred = predict_at(fit["approach3"]["params"], samples, p.params, p.tokens)
+    record = {"written_before_training": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget": budget,
+              "budget_factor": s.predict.budget_factor, "fit": str(fit_dir / "fit.json"),
+              "compute_optimal_at_budget": at_c, "point": dataclasses.asdict(p),
+              "predicted_loss": pred["loss"], "predicted_loss_ci": pred.get("loss_ci"),
+              "fitted_params": fit["approach3"]["params"]}
+    (out / "prediction.json").write_text(json.dumps(record, indent=1) + "\n")
+    ci = pred.get("loss_ci")
+    log(f"prediction for C={budget:.3g} (×{s.predict.budget_factor:g} the largest sweep budget): "
+        f"N={p.params:,} D={p.tokens:,} loss {pred['loss']:.4f}"
+        + (f" [{ci[0]:.4f}, {ci[1]:.4f}] (95%)" if ci else "") + f", written to {out / 'prediction.json'}")
+    if not run:
+        return record
+    t0 = time.perf_counter()
+    row = run_point(s, p, out / "predicted.csv", log, verbose)
+    measured = float(row["loss"])
+    record.update({"measured_loss": measured, "rel_error": (pred["loss"] - measured) / measured,
+                   "inside_interval": bool(ci and ci[0] <= measured <= ci[1]),
+                   "train_seconds": time.perf_counter() - t0})
+    (out / "prediction.json").write_text(json.dumps(record, indent=1) + "\n")
+    log(f"measured loss {measured:.4f}: predicted {pred['loss']:.4f}, relative error {record['rel_error']:+.2%}"
+        + (f", {'inside' if record['inside_interval'] else 'outside'} the interval" if ci else ""))
+    return record

@@ -1,0 +1,237 @@
+"""Loss-curve fits of one run (`danlu fit-curve RUN_DIR`): predict the final loss from a prefix.
+
+Two forms, fitted to the train loss logged in metrics.jsonl against step s:
+  - power law with an irreducible term: L(s) = E + A · s^(-α);
+  - schedule-aware (Tissue et al. 2024, "Scaling Law with Learning Rate Annealing"):
+    L(s) = L0 + A · S1(s)^(-α) − C · S2(s), with S1(s) = Σ_{k≤s} η_k the forward area (the area
+    under the learning-rate schedule) and S2(s) = Σ_{k≤s} m_k the annealing area, where
+    m_k = λ · m_{k−1} + (η_{k−1} − η_k) carries the lr decreases with momentum λ (0.999 as in the
+    paper). The warmup's increases are not annealing: S2 counts from the peak on.
+The per-step schedule η_k is the run's own: rebuilt from its config.yaml (pretrain.optimizer,
+the resolved config `danlu train` writes), so a run still going gets the rest of its schedule
+too, and checked against the `lr` column of metrics.jsonl. Without config.yaml the logged `lr`
+column is interpolated and only finished runs can be fitted.
+
+Prediction of the final loss from the first `fraction` of the steps: both forms are fitted
+(least squares) on the logged steps up to fraction·T (after the first 2% of the run,
+where neither form holds), evaluated at T; the interval comes from a moving-block bootstrap
+of the fit's residuals. "Measured" final loss = mean of the train loss logged over the last 2%
+of steps (at least 3 rows), when the run has finished; the eval-loss prediction adds the mean
+gap between eval and fitted train loss seen in the prefix.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares
+
+LAMBDA = 0.999
+
+
+class CurveError(ValueError):
+    pass
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl; a half-written last line (a run still going) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise CurveError(f"{path}: no such file (is {run_dir} a `danlu train` run directory?)")
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                continue  # being written
+            raise CurveError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
+
+
+def lr_per_step(run_dir: str | Path, rows: list[dict]) -> tuple[np.ndarray, int, str]:
+    """η_k for k = 1..T (the lr of the k-th update; metrics row `step` s logs η_s) [T], T, and where
+    it came from."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    if cfg_path.exists():
+        from pretrain.config import load_config
+        from pretrain.optimizer import make_schedule
+
+        cfg = load_config(cfg_path)
+        T = cfg.train.steps
+        sched = make_schedule(cfg.optimizer, T)
+        eta = np.asarray([float(v) for v in np.asarray(sched(np.arange(T)))], dtype=float)
+        logged = [(r["step"], r["lr"]) for r in rows if "lr" in r and 1 <= r["step"] <= T]
+        for s, lr in logged[:: max(1, len(logged) // 20)]:
+            if not math.isclose(eta[s - 1], lr, rel_tol=1e-3, abs_tol=1e-12):
+                raise CurveError(f"{cfg_path}: its schedule gives lr {eta[s - 1]:.6g} at step {s} but metrics.jsonl "
+                                 f"logged {lr:.6g}; the config does not describe this run")
+        return eta, T, "config.yaml"
+    steps = np.array([r["step"] for r in rows if "lr" in r], float)
+    lrs = np.array([r["lr"] for r in rows if "lr" in r], float)
+    if len(steps) < 2:
+        raise CurveError(f"{run_dir}: no config.yaml and fewer than 2 logged lr values")
+    T = int(steps[-1])
+    return np.interp(np.arange(1, T + 1), steps, lrs), T, "metrics.jsonl lr column (interpolated)"
+
+
+def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
+    """S1 [T] (forward area) and S2 [T] (annealing area with momentum lam) after each step."""
+    S1 = np.cumsum(eta)
+    peak = int(np.argmax(eta))
+    m, S2 = 0.0, np.zeros_like(eta)
+    acc = 0.0
+    for k in range(len(eta)):
+        if k > peak:
+            m = lam * m + (eta[k - 1] - eta[k])
+            acc += m
+        S2[k] = acc
+    return S1, S2
+
+
+def _fit(form: str, x: dict, y: np.ndarray, kappa: float | None = None) -> np.ndarray:
+    """Least-squares fit of one form; x holds per-row arrays s, S1, S2 and the final S1T, S2T.
+    The schedule form is fitted as (L0, A, alpha, kappa) with C = kappa·A·S1T^-alpha / S2T, kappa in
+    [0, 1]: the annealing bonus at the end is that share of the reducible term still left there
+    (it cannot remove more). `kappa` given: held fixed. Returns (E, A, alpha) or (L0, A, alpha, C)."""
+    S2T = max(x["S2T"], 1e-30)
+
+    def sched(p):
+        L0, A, al = p[:3]
+        k = kappa if kappa is not None else p[3]
+        C = k * A * x["S1T"] ** (-al) / S2T if x["S2T"] > 0 else 0.0
+        return L0, A, al, C
+
+    if form == "power":
+        def res(p):
+            E, A, al = p
+            return E + A * x["s"] ** (-al) - y
+        starts = [[y.min() * 0.8, (y.max() - y.min()) * x["s"].min() ** a, a] for a in (0.3, 0.6, 1.0)]
+        bounds = ([0, 0, 0.01], [np.inf, np.inf, 3])
+    else:
+        def res(p):
+            L0, A, al, C = sched(p)
+            return L0 + A * x["S1"] ** (-al) - C * x["S2"] - y
+        starts = [[y.min() * 0.8, (y.max() - y.min()) * x["S1"].min() ** a, a] + ([] if kappa is not None else [k])
+                  for a in (0.3, 0.6, 1.0) for k in ((0.0,) if kappa is not None else (0.1, 0.5))]
+        bounds = ([0, 0, 0.01] + ([] if kappa is not None else [0.0]), [np.inf, np.inf, 3] + ([] if kappa is not None else [1.0]))
+    best = None
+    for p0 in starts:
+        p0 = np.clip(p0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
+        r = least_squares(res, p0, bounds=bounds, x_scale="jac", max_nfev=2000)
+        if best is None or r.cost < best.cost:
+            best = r
+    return best.x if form == "power" else np.array(sched(best.x))
+
+
+def kappa_of(p: np.ndarray, S1T: float, S2T: float) -> float:
+    """The annealing ratio C·S2T / (A·S1T^-alpha) of schedule-form params (L0, A, alpha, C)."""
+    return float(p[3] * S2T / (p[1] * S1T ** (-p[2]))) if p[1] > 0 and S2T > 0 else 0.0
+
+
+def reference_anneal_ratio(run_dirs: list[str | Path]) -> float:
+    """Median annealing ratio kappa of the schedule form fitted to whole finished runs."""
+    ks = []
+    for d in run_dirs:
+        r = fit_curve(d, fraction=None, bootstrap=0)
+        if not r["finished"]:
+            raise CurveError(f"--reference {d}: the run has not finished")
+        ks.append(r["forms"]["schedule"]["kappa"])
+    return float(np.median(ks))
+
+
+def _eval(form: str, p: np.ndarray, s, S1, S2):
+    if form == "power":
+        return p[0] + p[1] * np.asarray(s, float) ** (-p[2])
+    return p[0] + p[1] * np.asarray(S1) ** (-p[2]) - p[3] * np.asarray(S2)
+
+
+def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int = 200, level: float = 0.9,
+              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None) -> dict:
+    """Fits both forms to the run's train loss up to fraction·T (all logged rows when None) and
+    predicts the loss at the last step T with intervals. `anneal_ratio`: kappa from reference runs
+    (`reference_anneal_ratio`), used when the fitted steps hold under half of the run's annealing
+    area (kappa is not identifiable from them). JSON-able dict."""
+    rows = read_metrics(run_dir)
+    eta, T, lr_source = lr_per_step(run_dir, rows)
+    S1, S2 = areas(eta, lam)
+    train = [r for r in rows if "loss" in r and math.isfinite(r["loss"]) and 1 <= r["step"] <= T]
+    if not train:
+        raise CurveError(f"{run_dir}: metrics.jsonl has no loss rows yet")
+    last_step = train[-1]["step"]
+    finished = last_step >= T
+    cut = T * fraction if fraction else last_step
+    skip = max(1, int(0.02 * T))
+    use = [r for r in train if skip < r["step"] <= cut]
+    if len(use) < 6:
+        raise CurveError(f"{run_dir}: {len(use)} logged steps in ({skip}, {cut:.0f}]; need at least 6 "
+                         f"(log more often, or wait for more steps)")
+    s = np.array([r["step"] for r in use], float)
+    y = np.array([r["loss"] for r in use], float)
+    x = {"s": s, "S1": S1[s.astype(int) - 1], "S2": S2[s.astype(int) - 1], "S1T": S1[-1], "S2T": S2[-1]}
+    seen = float(x["S2"][-1] / S2[-1]) if S2[-1] > 0 else 1.0  # share of the annealing area in the fitted steps
+    kappa = anneal_ratio if anneal_ratio is not None and seen < 0.5 else None
+    out = {"run_dir": str(run_dir), "total_steps": T, "last_logged_step": last_step, "finished": finished,
+           "fit_steps": [int(s[0]), int(s[-1])], "fraction": fraction, "rows_fitted": len(use),
+           "lr_schedule": lr_source, "lambda": lam, "level": level, "annealing_seen": seen, "forms": {}}
+    if finished:
+        tail = [r["loss"] for r in train if r["step"] > T - max(1, int(0.02 * T))] or [train[-1]["loss"]]
+        if len(tail) < 3:
+            tail = [r["loss"] for r in train[-3:]]
+        out["measured_final_loss"] = float(np.mean(tail))
+        evals = [r for r in rows if "eval_loss" in r]
+        if evals and evals[-1]["step"] >= T:
+            out["measured_final_eval_loss"] = float(evals[-1]["eval_loss"])
+    rng = np.random.default_rng(seed)
+    for form in ("power", "schedule"):
+        k = kappa if form == "schedule" else None
+        p = _fit(form, x, y, k)
+        fitted = _eval(form, p, s, x["S1"], x["S2"])
+        resid = y - fitted
+        final = float(_eval(form, p, T, S1[-1], S2[-1]))
+        # moving-block bootstrap of the residuals (neighbouring steps' noise is correlated)
+        B = max(2, len(resid) // 10)
+        preds = []
+        for _ in range(bootstrap):
+            starts = rng.integers(0, len(resid) - B + 1, math.ceil(len(resid) / B))
+            e = np.concatenate([resid[i:i + B] for i in starts])[: len(resid)]
+            try:
+                pb = _fit(form, x, fitted + e, k)
+            except (ValueError, np.linalg.LinAlgError):
+                continue
+            preds.append(float(_eval(form, pb, T, S1[-1], S2[-1])))
+        q = (1 - level) / 2
+        names = ["E", "A", "alpha"] if form == "power" else ["L0", "A", "alpha", "C"]
+        entry = {"params": dict(zip(names, map(float, p))), "predicted_final_loss": final,
+                 "rmse": float(np.sqrt(np.mean(resid ** 2)))}
+        if form == "schedule":
+            entry["kappa"] = kappa_of(p, S1[-1], S2[-1])
+            if k is not None:
+                entry["note"] = f"kappa fixed at {k:.3g} from reference runs ({seen:.0%} of the annealing area seen)"
+            elif seen < 0.5:
+                entry["note"] = f"only {seen:.0%} of the annealing area seen: C is barely identified (see --reference)"
+        if preds:
+            entry["interval"] = [float(np.quantile(preds, q)), float(np.quantile(preds, 1 - q))]
+        evals = [r for r in rows if "eval_loss" in r and skip < r["step"] <= cut]
+        if evals:
+            gap = np.mean([r["eval_loss"] - _eval(form, p, r["step"], S1[r["step"] - 1], S2[r["step"] - 1])
+                           for r in evals])
+            entry["predicted_final_eval_loss"] = final + float(gap)
+        if "measured_final_loss" in out:
+            entry["rel_error"] = (final - out["measured_final_loss"]) / out["measured_final_loss"]
+        if "measured_final_eval_loss" in out and "predicted_final_eval_loss" in entry:
+            entry["eval_rel_error"] = (entry["predicted_final_eval_loss"] - out["measured_final_eval_loss"]) \
+                / out["measured_final_eval_loss"]
+        out["forms"][form] = entry
+    out["curve"] = {"step": [int(r["step"]) for r in train], "loss": [float(r["loss"]) for r in train]}
+    return out
+
+
+def curve_prediction_line(s: np.ndarray, form: str, params: dict, S1: np.ndarray, S2: np.ndarray) -> np.ndarray:
+    p = np.array(list(params.values()))
+    return _eval(form, p, s, S1[s.astype(int) - 1], S2[s.astype(int) - 1])
