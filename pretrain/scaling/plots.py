@@ -152,8 +152,9 @@ def plot_curve(result: dict, out: str | Path) -> Path:
         y = p[0] + p[1] * s ** (-p[2]) if form == "power" else p[0] + p[1] * S1[s - 1] ** (-p[2]) - p[3] * S2[s - 1]
         ax.plot(s, y, color=color, label=f"{form} fit → {f['predicted_final_loss']:.3f}")
         if "interval" in f:
-            ax.errorbar([T], [f["predicted_final_loss"]], yerr=[[f["predicted_final_loss"] - f["interval"][0]],
-                                                                 [f["interval"][1] - f["predicted_final_loss"]]],
+            lo, hi = f["interval"]  # a small bootstrap's interval need not contain the estimate
+            ax.errorbar([T], [f["predicted_final_loss"]], yerr=[[max(0.0, f["predicted_final_loss"] - lo)],
+                                                                 [max(0.0, hi - f["predicted_final_loss"])]],
                         color=color, capsize=3)
     ax.axvline(result["fit_steps"][1], color="k", ls=":", lw=0.8, label="end of fitted steps")
     lo = min(result["curve"]["loss"]) - 0.2
