@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 GiB = 1024**3
 
