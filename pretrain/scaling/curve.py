@@ -152,9 +152,10 @@ def _eval(form: str, p: np.ndarray, s, S1, S2):
 
 
 def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int = 200, level: float = 0.9,
-              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None) -> dict:
+              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None, skip: float = 0.02) -> dict:
     """Fits both forms to the run's train loss up to fraction·T (all logged rows when None) and
-    predicts the loss at the last step T with intervals. `anneal_ratio`: kappa from reference runs
+    predicts the loss at the last step T with intervals; rows of the first `skip`·T steps are left
+    out. `anneal_ratio`: kappa from reference runs
     (`reference_anneal_ratio`), used when the fitted steps hold under half of the run's annealing
     area (kappa is not identifiable from them). JSON-able dict."""
     rows = read_metrics(run_dir)
@@ -166,7 +167,7 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
     last_step = train[-1]["step"]
     finished = last_step >= T
     cut = T * fraction if fraction else last_step
-    skip = max(1, int(0.02 * T))
+    skip = max(1, int(skip * T))  # the first steps (warmup, the unigram plateau) follow neither form
     use = [r for r in train if skip < r["step"] <= cut]
     if len(use) < 6:
         raise CurveError(f"{run_dir}: {len(use)} logged steps in ({skip}, {cut:.0f}]; need at least 6 "

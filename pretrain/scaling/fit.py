@@ -481,7 +481,8 @@ def _powerlaw(C: np.ndarray, Y: np.ndarray) -> dict:
     if len(C) < 2 or np.ptp(np.log(C)) == 0:
         return {"exponent": math.nan, "coefficient": math.nan}
     e, lk = np.polyfit(np.log(C), np.log(Y), 1)
-    return {"exponent": float(e), "coefficient": float(math.exp(lk))}
+    with np.errstate(over="ignore"):  # a degenerate bootstrap resample can give absurd laws: inf, not a crash
+        return {"exponent": float(e), "coefficient": float(np.exp(lk))}
 
 
 def approach1(runs: Runs) -> dict:
