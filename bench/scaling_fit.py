@@ -45,7 +45,8 @@ def heldout() -> dict:
     runs = F.read_runs(DATA / "runs.csv")
     _, rep = F.holdout_largest(runs, bootstrap=1000)
     fit = F.fit_all(runs, bootstrap=1000)
-    big = next(csv.DictReader(open(DATA / "predicted.csv")))
+    with open(DATA / "predicted.csv", newline="") as f:
+        big = next(csv.DictReader(f))
     samples = np.array(fit["approach3"]["samples"], dtype=float)
     pr = F.predict_at(fit["approach3"]["params"], samples, float(big["params"]), float(big["tokens"]))
     measured = float(big["loss"])

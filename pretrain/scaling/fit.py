@@ -645,7 +645,7 @@ def holdout_largest(runs: Runs, **kw) -> tuple[dict, dict]:
         raise FitError("--holdout largest: fewer than 5 runs left after holding out the largest budget")
     fit = fit_all(runs.subset(~test), **kw)
     p3 = fit["approach3"]["params"]
-    samples = np.array(fit["approach3"]["samples"]) if "samples" in fit["approach3"] else None
+    samples = np.array(fit["approach3"]["samples"], dtype=float) if "samples" in fit["approach3"] else None
     level = kw.get("level", 0.95)
     rows = []
     for i in np.flatnonzero(test):

@@ -115,14 +115,14 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
     if s.demo_data.enabled:
         prepare_demo_data(s, log)
     points = plan_sweep(s)
+    out = Path(s.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps([dataclasses.asdict(p) for p in points], indent=1) + "\n")
     if only:
         unknown = sorted(set(only) - {p.name for p in points})
         if unknown:
             raise ConfigError(f"--only: no sweep points named {unknown}; the points are {[p.name for p in points]}")
         points = [p for p in points if p.name in only]
-    out = Path(s.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps([dataclasses.asdict(p) for p in plan_sweep(s)], indent=1) + "\n")
     csv_path = out / "runs.csv"
     done = {r["name"] for r in read_rows(csv_path)}
     t0 = time.perf_counter()
