@@ -47,11 +47,14 @@ def _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: bool):
 
 def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None):
     """Causal attention, within segments when ``segment_ids_BxT`` is given. Returns [B, T, N, H]."""
-    interpret = jax.devices()[0].platform != "tpu"
     ctx = sharding._CONTEXT.get()
     if ctx is None:
+        interpret = jax.devices()[0].platform != "tpu"
         return _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret)
     mesh, rules = ctx
+    # The mesh's devices, not the default backend's: `danlu compile` lowers for TPU devices that
+    # libtpu describes while this process runs on CPU.
+    interpret = mesh.devices.flat[0].platform != "tpu"
     qkv = sharding.logical_to_spec(("batch", None, "act_heads", None), rules)
     seg = sharding.logical_to_spec(("batch", None), rules)
     fn = functools.partial(_local, interpret=interpret)

@@ -149,3 +149,26 @@ def test_chip_table_agrees_with_the_peak_table_and_libtpu():
             assert name == "v4"
             continue
         assert peak_flops_per_device(device) == chip.peak_flops
+
+
+def test_splash_lowers_to_the_tpu_kernel_for_tpu_devices():
+    """On a mesh of libtpu's devices the splash kernel is lowered as a Mosaic TPU custom call, not
+    in Pallas interpret mode (which `jax.devices()`, CPU here, would have chosen)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from pretrain import sharding, splash
+    from pretrain.config import DEFAULT_RULES
+
+    devices = aot.topology_devices("v5e:2x2")
+    mesh = Mesh(np.array(devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))
+    q = jax.ShapeDtypeStruct((4, 256, 4, 128), jnp.bfloat16)  # [B, T, N, H]
+
+    def attend(q, k, v):
+        with sharding.axis_rules(mesh, dict(DEFAULT_RULES)):
+            return splash.splash_attention(q, k, v)
+
+    text = jax.jit(attend).lower(q, q, q).as_text()
+    assert "tpu_custom_call" in text
