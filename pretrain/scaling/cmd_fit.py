@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", choices=["largest"], help="fit without the largest budget and predict it")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--warm-starts", type=int, default=1,
+                   help="distinct full-data optima each bootstrap resample starts from (default 1, the best); more "
+                        "guards intervals against a resample that belongs to another basin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--predict-flops", type=float, nargs="*", default=[], metavar="C",
                    help="also predict the compute-optimal N, D and loss at these budgets")
@@ -42,7 +45,8 @@ def _main(args: argparse.Namespace) -> int:
     runs = read_runs(args.runs, parse_columns(args.columns), compute=args.compute)
     out = Path(args.output) if args.output else Path(args.runs).resolve().parent / "fit"
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(bootstrap=args.bootstrap, level=args.level, seed=args.seed, predict_C=args.predict_flops)
+    kw = dict(bootstrap=args.bootstrap, level=args.level, seed=args.seed, predict_C=args.predict_flops,
+              warm_starts=args.warm_starts)
     fit = fit_all(runs, **kw)
     if args.holdout:
         _, report = holdout_largest(runs, **kw)

@@ -585,15 +585,15 @@ def fit_all(runs: Runs, bootstrap: int = 1000, level: float = 0.95, seed: int = 
                            "warm_starts": min(warm_starts, len(r3["optima"])), "level": level}
         # Approaches 1 and 2 and the GPT-4 form: percentile intervals of their exponents/params too.
         rng = np.random.default_rng(seed + 2)
-        a12 = np.full((bootstrap, 4), np.nan)
+        keys = ["a", "b", "N_coefficient", "D_coefficient"]
+        a12 = np.full((bootstrap, 2, len(keys)), np.nan)
         for i in range(bootstrap):
             idx = rng.integers(0, len(runs.N), len(runs.N))
             sub = Runs(runs.N[idx], runs.D[idx], runs.L[idx], runs.C[idx], runs.group[idx],
                        [runs.names[j] for j in idx], runs.source)
-            b1, b2 = approach1(sub), approach2(sub)
-            a12[i] = [b1["a"], b1["b"], b2["a"], b2["b"]]
-        a1["ci"] = {"a": _interval(a12[:, 0], level), "b": _interval(a12[:, 1], level)}
-        a2["ci"] = {"a": _interval(a12[:, 2], level), "b": _interval(a12[:, 3], level)}
+            a12[i] = [[b[k] for k in keys] for b in (approach1(sub), approach2(sub))]
+        a1["ci"] = {k: _interval(a12[:, 0, j], level) for j, k in enumerate(keys)}
+        a2["ci"] = {k: _interval(a12[:, 1, j], level) for j, k in enumerate(keys)}
         if "samples" in g4:
             g4["ci"] = {k: _interval(g4["samples"][:, j], level) for j, k in enumerate(["a", "b", "c"])}
 
