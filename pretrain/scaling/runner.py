@@ -153,7 +153,8 @@ def predict_and_run(s: SweepConfig, *, log: Callable[[str], None] = print, verbo
 
     out = Path(s.output)
     runs = read_runs(out / "runs.csv")
-    budget = s.predict.budget_factor * max(float(r["budget"]) for r in read_rows(out / "runs.csv"))
+    # the largest planned budget (an explicit grid has none: the largest run's 6ND)
+    budget = s.predict.budget_factor * max(float(r["budget"]) or float(r["flops_6nd"]) for r in read_rows(out / "runs.csv"))
     fit = fit_all(runs, bootstrap=s.predict.bootstrap, predict_C=[budget])
     fit_dir = out / "fit"
     fit_dir.mkdir(parents=True, exist_ok=True)
