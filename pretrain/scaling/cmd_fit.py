@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pretrain.scaling import exits_2_on_fit_errors
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", help="CSV runs table (runs.csv of `danlu sweep`, or any CSV with --columns)")
@@ -25,20 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
+@exits_2_on_fit_errors
 def main(args: argparse.Namespace) -> int:
-    import sys
-
-    from pretrain.scaling.curve import CurveError
-    from pretrain.scaling.fit import FitError
-
-    try:
-        return _main(args)
-    except (FitError, CurveError) as e:
-        print(f"danlu {args.command}: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
     from pretrain.scaling.fit import fit_all, holdout_largest, parse_columns, read_runs
     from pretrain.scaling.plots import plot_all
 

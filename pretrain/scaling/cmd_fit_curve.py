@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pretrain.scaling import exits_2_on_fit_errors
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory of `danlu train` (metrics.jsonl, config.yaml)")
@@ -18,20 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write a PNG of the curve and both fits here")
 
 
+@exits_2_on_fit_errors
 def main(args: argparse.Namespace) -> int:
-    import sys
-
-    from pretrain.scaling.curve import CurveError
-    from pretrain.scaling.fit import FitError
-
-    try:
-        return _main(args)
-    except (FitError, CurveError) as e:
-        print(f"danlu {args.command}: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
     from pretrain.scaling.curve import fit_curve, reference_anneal_ratio
     from pretrain.scaling.plots import plot_curve
 

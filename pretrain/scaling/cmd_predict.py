@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pretrain.scaling import exits_2_on_fit_errors
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("fit", help="fit.json of `danlu fit` (or its directory)")
@@ -12,20 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", type=float, help="compute budget C (FLOPs, C = 6ND): compute-optimal N, D and loss")
 
 
+@exits_2_on_fit_errors
 def main(args: argparse.Namespace) -> int:
-    import sys
-
-    from pretrain.scaling.curve import CurveError
-    from pretrain.scaling.fit import FitError
-
-    try:
-        return _main(args)
-    except (FitError, CurveError) as e:
-        print(f"danlu {args.command}: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
     from pretrain.scaling.predict import load_fit, predict
 
     out = predict(load_fit(args.fit), params=args.params, tokens=args.tokens, flops=args.flops)
