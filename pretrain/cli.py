@@ -31,7 +31,7 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from pretrain.demo import run_demo
 
-    run_demo(args.workdir, minutes=args.minutes, steps=args.steps)
+    run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep)
     return 0
 
 
@@ -81,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="danlu", description="Clean data, pretrain decoder-only LMs, predict big runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the embedded end-to-end job: corpus -> tokenizer -> shards -> tiny model -> loss.png")
+    p = sub.add_parser("demo", help="the embedded end-to-end job: corpus -> clean -> tokenizer -> shards -> tiny model "
+                                         "-> loss.png -> scaling sweep and fit")
     p.add_argument("--workdir", default="demo", help="where everything goes (default: ./demo)")
     p.add_argument("--minutes", type=float, default=8.0, help="training time limit (default: 8)")
     p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep and fit (the last ~2 minutes)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="pretrain a decoder on token shards",
