@@ -23,6 +23,10 @@ def test_preset_parses_and_builds(path):
     assert cfg.inputs and cfg.steps and cfg.output.dir
     steps = build_steps(list(cfg.steps))
     assert [s.name for s in steps]
+    if cfg.stages:  # corpus stages (dedup) build too
+        from data_pipeline.dedup.stages import check_stage_config
+
+        assert len(check_stage_config(list(cfg.stages), dict(cfg.stage_options))) == len(cfg.stages)
     for i, inp in enumerate(cfg.inputs):
         reader = R.guess_reader(inp.path) if inp.reader == "auto" else inp.reader
         assert reader in R.READERS

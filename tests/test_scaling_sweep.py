@@ -94,7 +94,8 @@ def test_shipped_sweep_configs_plan():
         s = P.load_sweep(path)
         points = P.plan_sweep(s)
         budgets = sorted({p.budget for p in points})
-        assert budgets[-1] / budgets[0] >= 30, path.name
+        # demo.yaml is danlu demo's 2-minute cut (10x); the sweeps for predictions span 30x and more
+        assert budgets[-1] / budgets[0] >= (10 if path.name == "demo.yaml" else 30), path.name
         assert len(points) >= 3 * len(budgets) - 3
 
 
