@@ -29,6 +29,11 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
+    import os
+
+    # The demo is the CPU job of the README. With the `tpu` extra installed (libtpu, as `make test`
+    # installs it) JAX would first probe for a TPU and print libtpu's warnings; say CPU up front.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from pretrain.demo import run_demo
 
     run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep)
