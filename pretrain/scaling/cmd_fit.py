@@ -57,7 +57,8 @@ def summary(fit: dict) -> str:
 
     lines = [f"{d['runs']} runs from {d['csv']}; N = column {d['columns']['params']}, D = {d['tokens']}, C = {d['compute']}",
              "approach 3: L = E + A/N^alpha + B/D^beta: " + ", ".join(v(k, a3["params"][k]) for k in ("E", "A", "B", "alpha", "beta")),
-             f"  {'converged' if a3['converged'] else 'NOT converged'} ({a3['message']}), objective {a3['objective']:.6g}, "
+             f"  {'converged' if a3['converged'] else 'NOT converged'} (scipy: {a3['message'] or 'no message'}; gradient norm "
+             f"{a3['grad_norm']:.2g}), objective {a3['objective']:.6g}, "
              f"{a3['starts']['at_best_objective']}/{a3['starts']['optimized']} starts at the best objective",
              "  N_opt ~ C^a, D_opt ~ C^b: " + v("a", a3["a"]) + ", " + v("b", a3["b"]),
              f"approach 1: a {fit['approach1']['a']:.4g}, b {fit['approach1']['b']:.4g}; "
