@@ -116,22 +116,27 @@ def build_step(spec: str | dict[str, Any], where: str = "steps") -> Step:
         close = difflib.get_close_matches(str(name), REGISTRY, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known steps: {', '.join(sorted(REGISTRY))}"
         raise StepError(f"{where}: unknown step {name!r}{hint}")
-    cls = REGISTRY[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return instantiate(REGISTRY[name], name, params, where, "step")
+
+
+def instantiate(cls: type, name: str, params: dict[str, Any], where: str, kind: str) -> Any:
+    """`cls(**params)` for a step or corpus stage (a frozen dataclass with a `check()`), with
+    StepErrors naming `where`, the `kind` ("step"/"stage") and the unknown or bad parameter."""
+    fields = [f.name for f in dataclasses.fields(cls)]
     for key in params:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; parameters: {', '.join(fields) or 'none'}"
-            raise StepError(f"{where}: step {name!r} has no parameter {key!r}{hint}")
+            raise StepError(f"{where}: {kind} {name!r} has no parameter {key!r}{hint}")
     try:
-        step = cls(**params)
+        obj = cls(**params)
     except TypeError as e:
-        raise StepError(f"{where}: step {name!r}: {e}") from None
+        raise StepError(f"{where}: {kind} {name!r}: {e}") from None
     try:
-        step.check()
+        obj.check()
     except StepError as e:
-        raise StepError(f"{where}: step {name!r}: {e}") from None
-    return step
+        raise StepError(f"{where}: {kind} {name!r}: {e}") from None
+    return obj
 
 
 def build_steps(specs: list, where: str = "steps") -> list[Step]:

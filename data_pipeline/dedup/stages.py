@@ -35,7 +35,7 @@ from data_pipeline import io as dio
 from data_pipeline.dedup import exact
 from data_pipeline.dedup.fuzzy import fuzzy_dedup
 from data_pipeline.dedup.minhash import MinHashConfig
-from data_pipeline.steps import Drop, Step, StepError, build_step
+from data_pipeline.steps import Drop, Step, StepError, build_step, instantiate
 
 Decision = Callable[[int, dict], "dict | Drop"]
 
@@ -195,21 +195,7 @@ def build_stage(spec: str | dict, where: str) -> CorpusStage:
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; corpus stages: {', '.join(sorted(CORPUS_STAGES))}"
             raise StepError(f"{where}: unknown stage {name!r}{hint}") from None
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in params:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; parameters: {', '.join(sorted(fields)) or 'none'}"
-            raise StepError(f"{where}: stage {name!r} has no parameter {key!r}{hint}")
-    try:
-        stage = cls(**params)
-    except TypeError as e:
-        raise StepError(f"{where}: stage {name!r}: {e}") from None
-    try:
-        stage.check()
-    except StepError as e:
-        raise StepError(f"{where}: stage {name!r}: {e}") from None
-    return stage
+    return instantiate(cls, name, params, where, "stage")
 
 
 def build_stages(specs: Iterable, where: str = "stages") -> list[CorpusStage]:
