@@ -57,7 +57,7 @@ import yaml
 from data_pipeline import readers as R
 from data_pipeline.io import dumps_line
 from data_pipeline.steps import Drop, Step, StepError, build_steps
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, read_yaml_mapping
 
 STATE_DIR = ".state"
 DOCUMENTS_DIR = "documents"
@@ -105,18 +105,6 @@ class CleanConfig:
     # their options (memory_budget_mb, cc_rounds): data_pipeline/dedup/stages.py (issue 4).
     stages: tuple[Any, ...] = ()
     stage_options: tuple[tuple[str, Any], ...] = ()
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return raw
 
 
 def _unknown(key: str, known: typing.Iterable[str], prefix: str) -> ConfigError:
@@ -295,7 +283,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
     `inputs` replaces the config's inputs; they keep the config's reader (and source, when the
     config has exactly one) unless `reader`/`source` are given.
     """
-    tree = _read_yaml(str(path)) if path is not None else {}
+    tree = read_yaml_mapping(str(path)) if path is not None else {}
     for item in overrides:
         apply_override(tree, item)
     if inputs:

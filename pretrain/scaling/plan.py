@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.config import Config, ConfigError, _build, load_config
+from pretrain.config import Config, ConfigError, _build, load_config, read_yaml_mapping
 from pretrain.flops import count_params, flops_per_token, training_flops
 
 
@@ -133,14 +133,7 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     """Reads a sweep YAML (plus dotted key=value overrides); `base` and `output` stay as written,
     `base` is resolved against the file's directory. Raises ConfigError naming the key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"sweep config not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path, "sweep config")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
