@@ -19,6 +19,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
 def _samples(block: dict) -> np.ndarray | None:
     s = block.get("samples")
     return np.array(s, dtype=float) if s else None
@@ -48,10 +55,7 @@ def plot_isoflops(runs: Runs, fit: dict, out: str | Path) -> Path:
     ax.set_title("IsoFLOP curves (approach 2: parabola in log N per budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out)
 
 
 def plot_loss_vs_compute(runs: Runs, fit: dict, out: str | Path, extend: float = 30.0) -> Path:
@@ -87,10 +91,7 @@ def plot_loss_vs_compute(runs: Runs, fit: dict, out: str | Path, extend: float =
     ax.set_ylabel("final loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out)
 
 
 def plot_contour(runs: Runs, fit: dict, out: str | Path) -> Path:
@@ -121,10 +122,7 @@ def plot_contour(runs: Runs, fit: dict, out: str | Path) -> Path:
     ax.set_ylabel("tokens D")
     ax.set_title("L(N, D) = E + A/N^α + B/D^β (approach 3)")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out)
 
 
 def plot_all(runs: Runs, fit: dict, out_dir: str | Path) -> list[Path]:
@@ -163,7 +161,4 @@ def plot_curve(result: dict, out: str | Path) -> Path:
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(plt, fig, out)
