@@ -391,6 +391,7 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     first_loss = None
+    interval_losses: list[float] = []  # applied steps' losses since the last logged row (its loss_mean)
 
     def report(step: int, metrics: dict, force: bool = False) -> None:
         nonlocal t_last, step_last, last_loss, first_loss
@@ -405,12 +406,15 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
             bad_run.clear()
             last_loss = m["loss"]
             first_loss = m["loss"] if first_loss is None else first_loss
+            interval_losses.append(m["loss"])
         if step % cfg.logging.log_every and not force and step not in eval_at:
             return
         now = time.perf_counter()
         dt = (now - t_last) / max(step - step_last, 1)
         tps = tokens_per_step / dt
-        row = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "z_loss": m["z_loss"],
+        loss_mean = sum(interval_losses) / len(interval_losses) if interval_losses else None
+        interval_losses.clear()
+        row = {"step": step, "loss": m["loss"], "loss_mean": loss_mean, "lr": m["lr"], "grad_norm": m["grad_norm"], "z_loss": m["z_loss"],
                "tokens_per_sec": tps, "step_time": dt, "mfu": tps * flops_tok / peak,
                "tokens": step * tokens_per_step, "elapsed": now - t_start, "skipped_steps": counts["skipped_steps"]}
         if step in eval_at:

@@ -155,6 +155,17 @@ def test_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
     assert [x["skipped_steps"] for x in r] == [0] * 6 + [1] * 6
     assert all(np.isfinite(x["loss"]) for x in r if x["step"] != 7)
     assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 1
+    assert r[6]["loss_mean"] is None and all(x["loss_mean"] == x["loss"] for x in r if x["step"] != 7)
+
+    # logged every 4 steps, loss_mean is the mean loss of the applied steps since the previous row
+    coarse = tmp_path / "coarse"
+    proc = subprocess.run(command(coarse, shards, "train.steps=12", "checkpoint.every=0", "train.test_nan_batches=[6]",
+                                  "logging.log_every=4"), env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c, losses = rows(coarse), {x["step"]: x["loss"] for x in r}
+    assert [x["step"] for x in c] == [4, 8, 12]
+    for row, steps in zip(c, ([1, 2, 3, 4], [5, 6, 8], [9, 10, 11, 12])):
+        assert row["loss_mean"] == pytest.approx(np.mean([losses[s] for s in steps]), rel=1e-6)
 
 
 def test_bad_steps_in_a_row_roll_back_or_stop(shards, tmp_path):

@@ -14,9 +14,10 @@ L0, A, ALPHA, KAPPA = 2.0, 0.8, 0.5, 0.3
 
 
 def synthetic_run(tmp_path, schedule: str, steps: int = 2000, sigma: float = 0.004, seed: int = 0,
-                  upto: int | None = None) -> tuple[Path, float]:
+                  upto: int | None = None, every: int = 10, mean: bool = False) -> tuple[Path, float]:
     """A run directory whose config.yaml has `schedule` and whose metrics.jsonl follows
-    L(s) = L0 + A·S1^-α − C·S2 (C from KAPPA) plus noise, logged every 10 steps, eval every 200."""
+    L(s) = L0 + A·S1^-α − C·S2 (C from KAPPA) plus noise per step, logged every `every` steps, eval
+    every 200; `mean`: rows also carry loss_mean, the mean of the steps since the previous row."""
     run = tmp_path / schedule
     run.mkdir()
     cfg = load_config(ROOT / "configs/train/tiny.yaml", [f"optimizer.schedule={schedule}", f"train.steps={steps}",
@@ -28,9 +29,13 @@ def synthetic_run(tmp_path, schedule: str, steps: int = 2000, sigma: float = 0.0
     with np.errstate(divide="ignore"):  # S1 = 0 at the first step of the warmup
         law = L0 + A * S1 ** -ALPHA - C * S2
     rng = np.random.default_rng(seed)
+    noisy = law + rng.normal(0, sigma, steps) if mean else None
     lines = []
-    for s in range(10, (upto or steps) + 1, 10):
-        row = {"step": s, "loss": float(law[s - 1] + rng.normal(0, sigma)), "lr": float(eta[s - 1])}
+    for s in range(every, (upto or steps) + 1, every):
+        row = {"step": s, "loss": float(noisy[s - 1] if mean else law[s - 1] + rng.normal(0, sigma)),
+               "lr": float(eta[s - 1])}
+        if mean:
+            row["loss_mean"] = float(noisy[s - every:s].mean())
         if s % 200 == 0:
             row["eval_loss"] = float(law[s - 1] + 0.1)
         lines.append(json.dumps(row))
@@ -91,3 +96,23 @@ def test_fit_curve_cli_and_errors(tmp_path, capsys):
         fit_curve(run)
     assert main(["fit-curve", str(tmp_path / "nowhere")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_interval_means_are_fitted_as_means(tmp_path):
+    """Rows logged every 50 steps with loss_mean (the mean of 50 steps of per-step noise 0.05): the
+    fit compares each row with the form's mean over its steps, so neither the noise nor the
+    curvature inside an interval biases the prediction; the measured final loss is the mean of the
+    last 2% of steps."""
+    run, final = synthetic_run(tmp_path, "cosine", sigma=0.05, every=50, mean=True, seed=3)
+    r = fit_curve(run, bootstrap=0)
+    assert r["loss_column"] == "loss_mean"
+    sched = r["forms"]["schedule"]
+    assert sched["predicted_final_loss"] == pytest.approx(final, rel=2e-3)
+    assert r["measured_final_loss"] == pytest.approx(final, abs=0.05 / np.sqrt(40) * 4)
+    # the single-step column of the same run is 7x noisier: the fit of it is worse
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in x.items() if k != "loss_mean"}) + "\n"
+                                               for x in lines))
+    single = fit_curve(run, bootstrap=0)
+    assert single["loss_column"] == "loss"
+    assert abs(single["forms"]["schedule"]["predicted_final_loss"] - final) > abs(sched["predicted_final_loss"] - final)

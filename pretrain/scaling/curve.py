@@ -1,6 +1,8 @@
 """Loss-curve fits of one run (`danlu fit-curve RUN_DIR`): predict the final loss from a prefix.
 
-Two forms, fitted to the train loss logged in metrics.jsonl against step s:
+Two forms, fitted to the train loss logged in metrics.jsonl against step s (the `loss_mean`
+column, the mean loss of the steps since the previous logged row, compared with the form's mean
+over the same steps; runs logged without it fall back to the single-step `loss` at the row's step):
   - power law with an irreducible term: L(s) = E + A · s^(-α);
   - schedule-aware (Tissue et al. 2024, "Scaling Law with Learning Rate Annealing"):
     L(s) = L0 + A · S1(s)^(-α) − C · S2(s), with S1(s) = Σ_{k≤s} η_k the forward area (the area
@@ -13,7 +15,7 @@ too, and checked against the `lr` column of metrics.jsonl. Without config.yaml t
 column is interpolated and only finished runs can be fitted.
 
 Prediction of the final loss from the first `fraction` of the steps: both forms are fitted
-(least squares) on the logged steps up to fraction·T (after the first 2% of the run,
+(least squares) on the logged rows up to fraction·T (after the first 2% of the run,
 where neither form holds), evaluated at T; the interval comes from a moving-block bootstrap
 of the fit's residuals. "Measured" final loss = mean of the train loss logged over the last 2%
 of steps (at least 3 rows), when the run has finished; the eval-loss prediction adds the mean
@@ -94,8 +96,24 @@ def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]
     return S1, S2
 
 
+def _rows_x(s_lo: np.ndarray, s_hi: np.ndarray, S1: np.ndarray, S2: np.ndarray) -> dict:
+    """What _fit needs for rows that average the steps s_lo..s_hi (1-based, inclusive): the steps
+    from the first s_lo to the last s_hi with their areas, and where each row's steps start."""
+    lo, hi = int(s_lo[0]), int(s_hi[-1])
+    steps = np.arange(lo, hi + 1)
+    return {"s": steps.astype(float), "S1": S1[steps - 1], "S2": S2[steps - 1], "start": (s_lo - lo).astype(int),
+            "len": (s_hi - s_lo + 1).astype(float), "S1T": S1[-1], "S2T": S2[-1]}
+
+
+def _row_means(x: dict, per_step: np.ndarray) -> np.ndarray:
+    if np.all(x["len"] == 1):
+        return per_step[x["start"]]
+    # rows tile their steps (each starts after the previous one ends), so reduceat sums exactly each row's steps
+    return np.add.reduceat(per_step, x["start"])[: len(x["start"])] / x["len"]
+
+
 def _fit(form: str, x: dict, y: np.ndarray, kappa: float | None = None) -> np.ndarray:
-    """Least-squares fit of one form; x holds per-row arrays s, S1, S2 and the final S1T, S2T.
+    """Least-squares fit of one form to row means y; x from _rows_x, with the final S1T, S2T.
     The schedule form is fitted as (L0, A, alpha, kappa) with C = kappa·A·S1T^-alpha / S2T, kappa in
     [0, 1]: the annealing bonus at the end is that share of the reducible term still left there
     (it cannot remove more). `kappa` given: held fixed. Returns (E, A, alpha) or (L0, A, alpha, C)."""
@@ -110,13 +128,13 @@ def _fit(form: str, x: dict, y: np.ndarray, kappa: float | None = None) -> np.nd
     if form == "power":
         def res(p):
             E, A, al = p
-            return E + A * x["s"] ** (-al) - y
+            return _row_means(x, E + A * x["s"] ** (-al)) - y
         starts = [[y.min() * 0.8, (y.max() - y.min()) * x["s"].min() ** a, a] for a in (0.3, 0.6, 1.0)]
         bounds = ([0, 0, 0.01], [np.inf, np.inf, 3])
     else:
         def res(p):
             L0, A, al, C = sched(p)
-            return L0 + A * x["S1"] ** (-al) - C * x["S2"] - y
+            return _row_means(x, L0 + A * x["S1"] ** (-al) - C * x["S2"]) - y
         starts = [[y.min() * 0.8, (y.max() - y.min()) * x["S1"].min() ** a, a] + ([] if kappa is not None else [k])
                   for a in (0.3, 0.6, 1.0) for k in ((0.0,) if kappa is not None else (0.1, 0.5))]
         bounds = ([0, 0, 0.01] + ([] if kappa is not None else [0.0]), [np.inf, np.inf, 3] + ([] if kappa is not None else [1.0]))
@@ -164,27 +182,34 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
     train = [r for r in rows if "loss" in r and math.isfinite(r["loss"]) and 1 <= r["step"] <= T]
     if not train:
         raise CurveError(f"{run_dir}: metrics.jsonl has no loss rows yet")
+    # loss_mean: the mean over the steps since the previous logged row (older runs: the step's own loss)
+    column = "loss_mean" if all(r.get("loss_mean") is not None for r in train) else "loss"
+    prev = [0] + [r["step"] for r in train[:-1]]
+    lo_all = np.array([p + 1 for p in prev] if column == "loss_mean" else [r["step"] for r in train])
+    lval = np.array([r[column] for r in train], float)
     last_step = train[-1]["step"]
     finished = last_step >= T
     cut = T * fraction if fraction else last_step
     skip = max(1, int(skip * T))  # the first steps (warmup, the unigram plateau) follow neither form
-    use = [r for r in train if skip < r["step"] <= cut]
+    sel = (lo_all > skip) & np.array([r["step"] <= cut for r in train])  # rows whose steps all lie in (skip, cut]
+    use = [r for r, u in zip(train, sel) if u]
     if len(use) < 6:
         raise CurveError(f"{run_dir}: {len(use)} logged steps in ({skip}, {cut:.0f}]; need at least 6 "
                          f"(log more often, or wait for more steps)")
     s = np.array([r["step"] for r in use], float)
-    y = np.array([r["loss"] for r in use], float)
-    x = {"s": s, "S1": S1[s.astype(int) - 1], "S2": S2[s.astype(int) - 1], "S1T": S1[-1], "S2T": S2[-1]}
-    seen = float(x["S2"][-1] / S2[-1]) if S2[-1] > 0 else 1.0  # share of the annealing area in the fitted steps
+    y = lval[sel]
+    x = _rows_x(lo_all[sel], s.astype(int), S1, S2)
+    seen = float(S2[int(s[-1]) - 1] / S2[-1]) if S2[-1] > 0 else 1.0  # share of the annealing area in the fitted steps
     kappa = anneal_ratio if anneal_ratio is not None and seen < 0.5 else None
     out = {"run_dir": str(run_dir), "total_steps": T, "last_logged_step": last_step, "finished": finished,
            "fit_steps": [int(s[0]), int(s[-1])], "fraction": fraction, "rows_fitted": len(use),
-           "lr_schedule": lr_source, "lambda": lam, "level": level, "annealing_seen": seen, "forms": {}}
+           "loss_column": column, "lr_schedule": lr_source, "lambda": lam, "level": level, "annealing_seen": seen, "forms": {}}
     if finished:
-        tail = [r["loss"] for r in train if r["step"] > T - max(1, int(0.02 * T))] or [train[-1]["loss"]]
-        if len(tail) < 3:
-            tail = [r["loss"] for r in train[-3:]]
-        out["measured_final_loss"] = float(np.mean(tail))
+        tail = np.array([r["step"] > T - max(1, int(0.02 * T)) for r in train])
+        if tail.sum() < 3:
+            tail[-3:] = True
+        weight = np.array([r["step"] for r in train]) - lo_all + 1  # steps each row averages
+        out["measured_final_loss"] = float(np.sum(lval[tail] * weight[tail]) / np.sum(weight[tail]))
         evals = [r for r in rows if "eval_loss" in r]
         if evals and evals[-1]["step"] >= T:
             out["measured_final_eval_loss"] = float(evals[-1]["eval_loss"])
@@ -192,7 +217,7 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
     for form in ("power", "schedule"):
         k = kappa if form == "schedule" else None
         p = _fit(form, x, y, k)
-        fitted = _eval(form, p, s, x["S1"], x["S2"])
+        fitted = _row_means(x, _eval(form, p, x["s"], x["S1"], x["S2"]))
         resid = y - fitted
         final = float(_eval(form, p, T, S1[-1], S2[-1]))
         # moving-block bootstrap of the residuals (neighbouring steps' noise is correlated)
@@ -229,7 +254,7 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
             entry["eval_rel_error"] = (entry["predicted_final_eval_loss"] - out["measured_final_eval_loss"]) \
                 / out["measured_final_eval_loss"]
         out["forms"][form] = entry
-    out["curve"] = {"step": [int(r["step"]) for r in train], "loss": [float(r["loss"]) for r in train]}
+    out["curve"] = {"step": [int(r["step"]) for r in train], "loss": [float(v) for v in lval]}
     return out
 
 
