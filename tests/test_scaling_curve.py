@@ -14,10 +14,11 @@ L0, A, ALPHA, KAPPA = 2.0, 0.8, 0.5, 0.3
 
 
 def synthetic_run(tmp_path, schedule: str, steps: int = 2000, sigma: float = 0.004, seed: int = 0,
-                  upto: int | None = None, every: int = 10, mean: bool = False) -> tuple[Path, float]:
+                  upto: int | None = None, every: int = 10, mean: bool = False,
+                  eval_every: int = 200) -> tuple[Path, float]:
     """A run directory whose config.yaml has `schedule` and whose metrics.jsonl follows
     L(s) = L0 + A·S1^-α − C·S2 (C from KAPPA) plus noise per step, logged every `every` steps, eval
-    every 200; `mean`: rows also carry loss_mean, the mean of the steps since the previous row."""
+    (the law + 0.1, no noise) every `eval_every`; `mean`: rows also carry loss_mean, the mean of the steps since the previous row."""
     run = tmp_path / schedule
     run.mkdir()
     cfg = load_config(ROOT / "configs/train/tiny.yaml", [f"optimizer.schedule={schedule}", f"train.steps={steps}",
@@ -36,7 +37,7 @@ def synthetic_run(tmp_path, schedule: str, steps: int = 2000, sigma: float = 0.0
                "lr": float(eta[s - 1])}
         if mean:
             row["loss_mean"] = float(noisy[s - every:s].mean())
-        if s % 200 == 0:
+        if s % eval_every == 0:
             row["eval_loss"] = float(law[s - 1] + 0.1)
         lines.append(json.dumps(row))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -116,3 +117,20 @@ def test_interval_means_are_fitted_as_means(tmp_path):
     single = fit_curve(run, bootstrap=0)
     assert single["loss_column"] == "loss"
     assert abs(single["forms"]["schedule"]["predicted_final_loss"] - final) > abs(sched["predicted_final_loss"] - final)
+
+
+def test_eval_loss_curve(tmp_path):
+    """target="eval" fits the eval rows (points at their steps): from the first 25% of a cosine run
+    evaluated every 50 steps, with the annealing ratio of the whole curve, the final eval loss;
+    too few eval rows are refused, naming the cure."""
+    run, final = synthetic_run(tmp_path, "cosine", eval_every=50, seed=4)
+    whole = fit_curve(run, bootstrap=0, target="eval")
+    assert whole["loss_column"] == "eval_loss" and whole["measured_final_loss"] == pytest.approx(final + 0.1, rel=1e-9)
+    r = fit_curve(run, fraction=0.25, bootstrap=20, target="eval",
+                  anneal_ratio=whole["forms"]["schedule"]["kappa"])
+    assert r["rows_fitted"] == 10 and "predicted_final_eval_loss" not in r["forms"]["schedule"]
+    assert r["forms"]["schedule"]["predicted_final_loss"] == pytest.approx(final + 0.1, rel=2e-3)
+    (tmp_path / "sparse").mkdir()
+    sparse, _ = synthetic_run(tmp_path / "sparse", "cosine", eval_every=400)
+    with pytest.raises(CurveError, match="evaluate more often"):
+        fit_curve(sparse, fraction=0.25, target="eval")

@@ -152,11 +152,11 @@ def kappa_of(p: np.ndarray, S1T: float, S2T: float) -> float:
     return float(p[3] * S2T / (p[1] * S1T ** (-p[2]))) if p[1] > 0 and S2T > 0 else 0.0
 
 
-def reference_anneal_ratio(run_dirs: list[str | Path]) -> float:
+def reference_anneal_ratio(run_dirs: list[str | Path], target: str = "train") -> float:
     """Median annealing ratio kappa of the schedule form fitted to whole finished runs."""
     ks = []
     for d in run_dirs:
-        r = fit_curve(d, fraction=None, bootstrap=0)
+        r = fit_curve(d, fraction=None, bootstrap=0, target=target)
         if not r["finished"]:
             raise CurveError(f"--reference {d}: the run has not finished")
         ks.append(r["forms"]["schedule"]["kappa"])
@@ -170,20 +170,25 @@ def _eval(form: str, p: np.ndarray, s, S1, S2):
 
 
 def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int = 200, level: float = 0.9,
-              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None, skip: float = 0.02) -> dict:
-    """Fits both forms to the run's train loss up to fraction·T (all logged rows when None) and
-    predicts the loss at the last step T with intervals; rows of the first `skip`·T steps are left
-    out. `anneal_ratio`: kappa from reference runs
+              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None, skip: float = 0.02,
+              target: str = "train") -> dict:
+    """Fits both forms to the run's train loss (`target="train"`) or eval loss (`"eval"`: the eval
+    rows, each a point at its step; on a fixed eval set they carry no batch-to-batch noise) up to
+    fraction·T (all logged rows when None) and predicts that loss at the last step T with
+    intervals; rows of the first `skip`·T steps are left out. `anneal_ratio`: kappa from reference runs
     (`reference_anneal_ratio`), used when the fitted steps hold under half of the run's annealing
     area (kappa is not identifiable from them). JSON-able dict."""
     rows = read_metrics(run_dir)
     eta, T, lr_source = lr_per_step(run_dir, rows)
     S1, S2 = areas(eta, lam)
-    train = [r for r in rows if "loss" in r and math.isfinite(r["loss"]) and 1 <= r["step"] <= T]
+    if target not in ("train", "eval"):
+        raise CurveError(f"target={target!r} is not one of train, eval")
+    key = "loss" if target == "train" else "eval_loss"
+    train = [r for r in rows if key in r and math.isfinite(r[key]) and 1 <= r["step"] <= T]
     if not train:
-        raise CurveError(f"{run_dir}: metrics.jsonl has no loss rows yet")
+        raise CurveError(f"{run_dir}: metrics.jsonl has no {key} rows yet")
     # loss_mean: the mean over the steps since the previous logged row (older runs: the step's own loss)
-    column = "loss_mean" if all(r.get("loss_mean") is not None for r in train) else "loss"
+    column = "loss_mean" if target == "train" and all(r.get("loss_mean") is not None for r in train) else key
     prev = [0] + [r["step"] for r in train[:-1]]
     lo_all = np.array([p + 1 for p in prev] if column == "loss_mean" else [r["step"] for r in train])
     lval = np.array([r[column] for r in train], float)
@@ -194,8 +199,8 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
     sel = (lo_all > skip) & np.array([r["step"] <= cut for r in train])  # rows whose steps all lie in (skip, cut]
     use = [r for r, u in zip(train, sel) if u]
     if len(use) < 6:
-        raise CurveError(f"{run_dir}: {len(use)} logged steps in ({skip}, {cut:.0f}]; need at least 6 "
-                         f"(log more often, or wait for more steps)")
+        raise CurveError(f"{run_dir}: {len(use)} logged {key} rows in steps ({skip}, {cut:.0f}]; need at least 6 "
+                         f"({'log' if target == 'train' else 'evaluate'} more often, or wait for more steps)")
     s = np.array([r["step"] for r in use], float)
     y = lval[sel]
     x = _rows_x(lo_all[sel], s.astype(int), S1, S2)
@@ -203,8 +208,11 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
     kappa = anneal_ratio if anneal_ratio is not None and seen < 0.5 else None
     out = {"run_dir": str(run_dir), "total_steps": T, "last_logged_step": last_step, "finished": finished,
            "fit_steps": [int(s[0]), int(s[-1])], "fraction": fraction, "rows_fitted": len(use),
-           "loss_column": column, "lr_schedule": lr_source, "lambda": lam, "level": level, "annealing_seen": seen, "forms": {}}
-    if finished:
+           "target": target, "loss_column": column, "lr_schedule": lr_source, "lambda": lam, "level": level,
+           "annealing_seen": seen, "forms": {}}
+    if finished and target == "eval":
+        out["measured_final_loss"] = float(lval[-1])
+    elif finished:
         tail = np.array([r["step"] > T - max(1, int(0.02 * T)) for r in train])
         if tail.sum() < 3:
             tail[-3:] = True
@@ -244,7 +252,7 @@ def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int
         if preds:
             entry["interval"] = [float(np.quantile(preds, q)), float(np.quantile(preds, 1 - q))]
         evals = [r for r in rows if "eval_loss" in r and skip < r["step"] <= cut]
-        if evals:
+        if evals and target == "train":
             gap = np.mean([r["eval_loss"] - _eval(form, p, r["step"], S1[r["step"] - 1], S2[r["step"] - 1])
                            for r in evals])
             entry["predicted_final_eval_loss"] = final + float(gap)

@@ -142,7 +142,8 @@ def plot_curve(result: dict, out: str | Path) -> Path:
     eta, T, _ = lr_per_step(run_dir, read_metrics(run_dir))
     S1, S2 = areas(eta, result["lambda"])
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(result["curve"]["step"], result["curve"]["loss"], color="0.6", lw=0.8, label="train loss")
+    ax.plot(result["curve"]["step"], result["curve"]["loss"], color="0.6", lw=0.8,
+            label=f"{result.get('target', 'train')} loss")
     s = np.arange(max(1, result["fit_steps"][0]), T + 1)
     for form, color in (("power", "C1"), ("schedule", "C0")):
         f = result["forms"][form]
