@@ -382,11 +382,12 @@ def wait_until_ready(job: TpuJob, runner: Runner, interval: float, sleep: Callab
 
 def watch(job: TpuJob, runner: Runner, config_yaml: str, *, interval: float = 60.0, max_recreations: int = 10,
           max_restarts: int = 3, sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print,
-          delete_when_done: bool = False) -> int:
+          delete_when_done: bool = False, install: bool = True) -> int:
     """Keeps the job running until danlu train exits: creates the TPUs if absent, installs and starts
     training; when the queued resource is preempted or fails, deletes and recreates it, installs again
     and reruns training, which resumes from the latest checkpoint in the run directory. A training
     process that exits non-zero on healthy TPUs is restarted up to ``max_restarts`` times.
+    ``install=False``: the TPUs already have danlu (a sweep's later points); recreated TPUs get it again.
     Returns danlu train's exit code (0 when it finished)."""
     recreations = restarts = 0
     started = False
@@ -407,13 +408,13 @@ def watch(job: TpuJob, runner: Runner, config_yaml: str, *, interval: float = 60
                 log(f"{job.name} does not exist: creating it")
             for cmd in create_commands(job):
                 runner.run(cmd)
-            started = False
+            started, install = False, True
         elif ready and not started and runner.run(running_command(job), capture=True, check=False).strip():
             log(f"{job.name} is {s} and danlu train is running on it: watching")
             started = True
         elif ready and not started:
-            log(f"{job.name} is {s}: installing danlu and starting training")
-            for cmd in setup_commands(job) + run_commands(job, config_yaml):
+            log(f"{job.name} is {s}: {'installing danlu and ' if install else ''}starting training")
+            for cmd in (setup_commands(job) if install else []) + run_commands(job, config_yaml):
                 runner.run(cmd)
             started = True
         elif ready:

@@ -360,3 +360,41 @@ def test_watch_dry_run_prints_only_commands(fake_gcloud, capsys):
     assert all(shlex.split(l)[0] in ("gcloud", sys.executable) for l in lines)
     assert sum("pretrain.cli train" in l for l in lines) == 2  # one run command per slice
     assert "installing danlu and starting training" in out.err
+
+
+def test_sweep_on_tpu_installs_once_runs_each_point_and_records_its_row(fake_gcloud, tmp_path):
+    """`danlu sweep --launch`: every point's validated config runs on the same TPU (danlu installed
+    once), each in its own gs:// run directory; its summary.json (from worker 0) becomes its runs.csv
+    row, and a second sweep skips the recorded points."""
+    from launch.sweep import run_sweep_on_tpu
+    from pretrain.scaling.plan import load_sweep
+
+    set_rules, calls = fake_gcloud
+    summary = {"steps": 1, "final_loss": 3.25, "final_eval_loss": 3.5, "seconds": 60.0}
+    set_rules([{"match": "queued-resources describe", "answers": [{"stdout": "ACTIVE\n"}]},
+               {"match": "echo running", "answers": [{"stdout": ""}]},
+               {"match": "exit_code 2>/dev/null", "answers": [{"stdout": "0\n"}]},
+               {"match": "summary.json", "answers": [{"stdout": json.dumps(summary)}]}])
+    sweep = load_sweep(ROOT / "configs/scaling/tpu_isoflop.yaml", [f"output={tmp_path / 'out'}"])
+    only = ["C3.00e17_d448_L10", "C1.00e18_d704_L11"]
+    j = job(run_dir="gs://b/sweep/", provisioning="spot", package="danlu[tpu]==0.1.0")  # its config is replaced by each point's
+    rows = run_sweep_on_tpu(sweep, j, Runner(out=open(os.devnull, "w")), only=only, sleep=lambda _: None,
+                            log=lambda _: None)
+    assert [r["name"] for r in rows] == only
+    table = (tmp_path / "out" / "runs.csv").read_text().splitlines()
+    assert len(table) == 3 and table[1].split(",")[5] == "3.500000"  # header + 2 rows; loss = final eval loss
+    assert rows[0]["run_dir"] == "gs://b/sweep/C3.00e17_d448_L10"
+    joined = [" ".join(a) for a in calls()]
+    assert sum("pip install" in c for c in joined) == 1
+    runs = [c for c in joined if "pretrain.cli train" in c]
+    assert len(runs) == 2
+    for name, d_model, cmd in zip(only, (448, 704), runs):
+        assert f'"run_dir": "gs://b/sweep/{name}"' in cmd and f'"d_model": {d_model},' in cmd
+        assert '"auto": true' in cmd and "gs://b/shards" in cmd  # the launcher's and the launch config's overrides
+    assert run_sweep_on_tpu(sweep, j, Runner(out=open(os.devnull, "w")), only=only, log=lambda _: None) == []
+    assert len(calls()) == len(joined)  # nothing left to run: no gcloud call at all
+
+    with pytest.raises(LaunchError, match="demo_data builds token shards on this machine"):
+        run_sweep_on_tpu(load_sweep(ROOT / "configs/scaling/cpu_demo.yaml"), j, Runner(dry_run=True))
+    with pytest.raises(LaunchError, match="needs a gs:// run_dir"):
+        run_sweep_on_tpu(sweep, job(run_dir="/tmp/x"), Runner(dry_run=True))

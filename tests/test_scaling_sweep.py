@@ -87,8 +87,8 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):
 
 
 def test_shipped_sweep_configs_plan():
-    paths = sorted((ROOT / "configs/scaling").glob("*.yaml"))
-    assert {p.name for p in paths} >= {"cpu_demo.yaml", "tpu_isoflop.yaml"}
+    paths = sorted(p for p in (ROOT / "configs/scaling").glob("*.yaml") if not p.name.startswith("launch-"))
+    assert {p.name for p in paths} >= {"cpu_demo.yaml", "cpu_bench.yaml", "tpu_isoflop.yaml"}
     for path in paths:
         assert path.read_text().startswith("#"), f"{path.name}: starts with a header comment"
         s = P.load_sweep(path)
@@ -97,6 +97,13 @@ def test_shipped_sweep_configs_plan():
         # demo.yaml is danlu demo's 2-minute cut (10x); the sweeps for predictions span 30x and more
         assert budgets[-1] / budgets[0] >= (10 if path.name == "demo.yaml" else 30), path.name
         assert len(points) >= 3 * len(budgets) - 3
+    # the launch configs of TPU sweeps (`danlu sweep CONFIG --launch launch-CONFIG.yaml`) load as launch jobs
+    from launch.tpu import load_job
+
+    for path in sorted((ROOT / "configs/scaling").glob("launch-*.yaml")):
+        assert (ROOT / "configs/scaling" / path.name.removeprefix("launch-")).exists(), path.name
+        s = P.load_sweep(ROOT / "configs/scaling" / path.name.removeprefix("launch-"))
+        assert load_job(str(path), {"config": s.base}).run_dir.startswith("gs://"), path.name
 
 
 def test_one_real_point_runs_is_recorded_and_then_skipped(tmp_path, shards, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,6 +14,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the sweep: fit it, write the prediction for a run of predict.budget_factor x the "
                         "largest budget to OUTPUT/prediction.json, then train that run and compare")
     p.add_argument("--verbose", action="store_true", help="print every logged training step")
+    g = p.add_argument_group("on Cloud TPU (launch/sweep.py): the points run one after another on one TPU slice")
+    g.add_argument("--launch", metavar="YAML", help="launch config (keys of `danlu launch tpu`; `config:` is "
+                                                   "not needed, the sweep gives each point's); with --dry-run: "
+                                                   "print every gcloud command instead of the points")
+    g.add_argument("--project")
+    g.add_argument("--zone")
+    g.add_argument("--interval", type=float, default=60.0, help="seconds between polls of a running point")
+    g.add_argument("--delete-when-done", action="store_true", help="delete the TPUs after the last point")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -20,6 +29,8 @@ def main(args: argparse.Namespace) -> int:
     from pretrain.scaling.runner import predict_and_run, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)
+    if args.launch:
+        return _on_tpu(sweep, args)
     if args.dry_run:
         points = plan_sweep(sweep)
         print(f"{'name':28s} {'params':>10s} {'non-emb':>10s} {'tokens':>12s} {'steps':>7s} {'batch':>5s} "
@@ -32,4 +43,27 @@ def main(args: argparse.Namespace) -> int:
     run_sweep(sweep, verbose=args.verbose, only=args.only)
     if args.predict_run:
         predict_and_run(sweep, verbose=args.verbose)
+    return 0
+
+
+def _on_tpu(sweep, args: argparse.Namespace) -> int:
+    import sys
+
+    from launch import tpu
+    from launch.gcloud import LaunchError, Runner
+    from launch.sweep import run_sweep_on_tpu
+
+    if args.predict_run:
+        print("danlu sweep: --predict-run is not available with --launch yet; fit runs.csv, then launch the "
+              "predicted run with `danlu launch tpu watch`", file=sys.stderr)
+        return 2
+    try:
+        job = tpu.load_job(args.launch, {"config": sweep.base, "project": args.project, "zone": args.zone})
+        job = tpu.resolve_location(job)
+        run_sweep_on_tpu(sweep, job, Runner(dry_run=args.dry_run), only=args.only, interval=args.interval,
+                         delete_when_done=args.delete_when_done,
+                         log=lambda m: print(f"[sweep {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
+    except LaunchError as e:
+        print(f"danlu sweep: {e}", file=sys.stderr)
+        return 2
     return 0

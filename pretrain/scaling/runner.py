@@ -69,7 +69,7 @@ def append_row(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in COLUMNS})
 
 
-def make_row(p: Point, summary: dict, run_dir: Path) -> dict:
+def make_row(p: Point, summary: dict, run_dir: Path | str) -> dict:
     if summary.get("final_eval_loss") is None:
         raise RuntimeError(f"sweep point {p.name}: the run ended without an eval loss ({run_dir}/summary.json)")
     return {"params": p.params, "params_nonembed": p.params_nonembed, "tokens": p.tokens, "flops": f"{p.flops:.6g}",
@@ -77,7 +77,7 @@ def make_row(p: Point, summary: dict, run_dir: Path) -> dict:
             "budget": f"{p.budget:.6g}", "train_loss": f"{summary['final_loss']:.6f}", "d_model": p.d_model,
             "n_layers": p.n_layers, "n_heads": p.n_heads, "d_ff": p.d_ff, "batch": p.batch, "seq_len": p.seq_len,
             "steps": p.steps, "lr": f"{p.lr:.6g}", "seconds": f"{summary.get('seconds', 0):.1f}",
-            "run_dir": str(run_dir), "config": str(run_dir / "config.yaml")}
+            "run_dir": str(run_dir), "config": f"{str(run_dir).rstrip('/')}/config.yaml"}
 
 
 def _finished_summary(run_dir: Path, p: Point) -> dict | None:
