@@ -1,9 +1,10 @@
-"""Scaling-law benchmark: prediction errors on the CPU demo sweep, and fit speed against the plain method.
+"""Scaling-law benchmark: prediction errors on the recorded CPU sweeps, and fit speed against the plain method.
 
-1. Held-out prediction: `danlu fit --holdout largest` on the committed CPU sweep
-   (bench/data/scaling_cpu_demo/runs.csv, measured by `danlu sweep configs/scaling/cpu_demo.yaml
-   --predict-run`): relative error of Approach 3 on the largest budget's runs, fitted without them;
-   and the 10x run (predicted.csv), predicted from all the sweep's runs before it ran.
+1. Held-out prediction: `danlu fit --holdout largest` on each recorded sweep: relative error of
+   Approach 3 on the largest budget's runs, fitted without them. The benchmark's sweep is
+   `configs/scaling/cpu_bench.yaml` (bench/data/scaling_cpu_bench/); the demo sweep
+   `configs/scaling/cpu_demo.yaml` (bench/data/scaling_cpu_demo/, 10x smaller) also has its 10x
+   run (predicted.csv), predicted from all the sweep's runs before it ran.
 2. Loss curves: each run's final loss predicted from the first 25% of its steps (`fit_curve`,
    fraction 0.25), the schedule form's annealing ratio taken from the OTHER sweep runs
    (leave-one-out, as `danlu fit-curve --reference` does); against the measured final train loss
@@ -15,7 +16,8 @@
    resample (same objective and analytic gradient); timed on the full fit and --peer-resamples
    resamples, extrapolated to 1000.
 
-    .venv/bin/python bench/scaling_fit.py            # ~3-5 minutes on 2 cores
+    .venv/bin/python bench/scaling_fit.py            # ~5 minutes on 2 cores
+    .venv/bin/python bench/scaling_fit.py --record runs/scaling/cpu_bench cpu_bench   # after `danlu sweep`
 Last line: one JSON object with the figures.
 """
 from __future__ import annotations
@@ -35,51 +37,89 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from pretrain.scaling import fit as F  # noqa: E402
-from pretrain.scaling.curve import fit_curve  # noqa: E402
+from pretrain.scaling.curve import CurveError, fit_curve  # noqa: E402
 
-DATA = ROOT / "bench" / "data" / "scaling_cpu_demo"
+DATA = ROOT / "bench" / "data"
+SWEEPS = ("cpu_bench", "cpu_demo")  # recorded sweeps, bench/data/scaling_<name>/; the first one is the benchmark's
 TRUTH = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+KEEP = ("step", "loss", "loss_mean", "lr", "eval_loss")  # the metrics.jsonl columns the curve fits read
 
 
-def heldout() -> dict:
-    runs = F.read_runs(DATA / "runs.csv")
+def record(output: Path, name: str) -> Path:
+    """Copies a finished sweep (`danlu sweep` output dir) to bench/data/scaling_<name>/: runs.csv,
+    predicted.csv and prediction.json when there, and per run config.yaml and metrics.jsonl reduced to KEEP."""
+    import shutil
+
+    dest = DATA / f"scaling_{name}"
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "runs").mkdir(parents=True)
+    for f in ("runs.csv", "predicted.csv", "prediction.json"):
+        if (output / f).exists():
+            shutil.copy(output / f, dest / f)
+    names = [r["name"] for r in csv.DictReader(open(output / "runs.csv", newline=""))]
+    if (output / "predicted.csv").exists():
+        names.append("predicted")
+    for n in names:
+        (dest / "runs" / n).mkdir()
+        shutil.copy(output / n / "config.yaml", dest / "runs" / n / "config.yaml")
+        rows = [json.loads(x) for x in (output / n / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        (dest / "runs" / n / "metrics.jsonl").write_text(
+            "".join(json.dumps({k: r[k] for k in KEEP if k in r}) + "\n" for r in rows))
+    return dest
+
+
+def heldout(data: Path) -> dict:
+    runs = F.read_runs(data / "runs.csv")
     _, rep = F.holdout_largest(runs, bootstrap=1000)
+    out = {"holdout_C": rep["C"], "holdout_mean_abs_rel_error": rep["mean_abs_rel_error"],
+           "holdout_max_abs_rel_error": rep["max_abs_rel_error"], "holdout_runs": rep["runs"],
+           "holdout_gpt4_frontier_rel_error": rep.get("gpt4_frontier", {}).get("rel_error")}
+    if not (data / "predicted.csv").exists():
+        return out
     fit = F.fit_all(runs, bootstrap=1000)
-    with open(DATA / "predicted.csv", newline="") as f:
+    with open(data / "predicted.csv", newline="") as f:
         big = next(csv.DictReader(f))
     samples = np.array(fit["approach3"]["samples"], dtype=float)
     pr = F.predict_at(fit["approach3"]["params"], samples, float(big["params"]), float(big["tokens"]))
     measured = float(big["loss"])
-    recorded = json.loads((DATA / "prediction.json").read_text())
-    return {"holdout_mean_abs_rel_error": rep["mean_abs_rel_error"], "holdout_max_abs_rel_error": rep["max_abs_rel_error"],
-            "holdout_runs": rep["runs"], "holdout_gpt4_frontier_rel_error": rep.get("gpt4_frontier", {}).get("rel_error"),
-            "big_run": {"C": 6 * float(big["params"]) * float(big["tokens"]), "params": int(big["params"]),
-                        "tokens": int(big["tokens"]), "measured": measured, "predicted_refit": pr["loss"],
-                        "predicted_refit_ci": pr["loss_ci"], "rel_error_refit": (pr["loss"] - measured) / measured,
-                        "predicted_before_run": recorded["predicted_loss"],
-                        "predicted_before_run_ci": recorded["predicted_loss_ci"],
-                        "rel_error_before_run": recorded["rel_error"]}}
+    recorded = json.loads((data / "prediction.json").read_text())
+    out["big_run"] = {"C": 6 * float(big["params"]) * float(big["tokens"]), "params": int(big["params"]),
+                      "tokens": int(big["tokens"]), "measured": measured, "predicted_refit": pr["loss"],
+                      "predicted_refit_ci": pr["loss_ci"], "rel_error_refit": (pr["loss"] - measured) / measured,
+                      "predicted_before_run": recorded["predicted_loss"],
+                      "predicted_before_run_ci": recorded["predicted_loss_ci"],
+                      "rel_error_before_run": recorded["rel_error"]}
+    return out
 
 
-def curves(fraction: float = 0.25) -> dict:
-    dirs = sorted(p for p in (DATA / "runs").iterdir() if p.is_dir())
+def curves(data: Path, fraction: float = 0.25) -> dict:
+    """Per run, the final loss predicted from the first `fraction` of its steps, for each target the
+    runs allow: "eval" (the eval-loss rows; needs an eval every few % of the run, as cpu_bench has)
+    and "train" (loss_mean, or the single-step loss of runs logged before loss_mean existed)."""
+    dirs = sorted(p for p in (data / "runs").iterdir() if p.is_dir())
     sweep = [d for d in dirs if d.name != "predicted"]
-    kappa = {d.name: fit_curve(d, bootstrap=0)["forms"]["schedule"]["kappa"] for d in sweep}
-    rows = []
-    for d in dirs:
-        ref = float(np.median([k for n, k in kappa.items() if n != d.name]))
-        r = fit_curve(d, fraction=fraction, bootstrap=100, anneal_ratio=ref)
-        rows.append({"run": d.name, "steps": r["total_steps"], "measured_final_loss": r["measured_final_loss"],
-                     "measured_final_eval_loss": r.get("measured_final_eval_loss"),
-                     **{f"{f}_rel_error": r["forms"][f]["rel_error"] for f in r["forms"]},
-                     **{f"{f}_eval_rel_error": r["forms"][f].get("eval_rel_error") for f in r["forms"]},
-                     "schedule_inside_interval": bool(r["forms"]["schedule"]["interval"][0] <= r["measured_final_loss"]
-                                                      <= r["forms"]["schedule"]["interval"][1])})
-    mean = lambda key: float(np.mean([abs(x[key]) for x in rows if x[key] is not None]))  # noqa: E731
-    return {"fraction": fraction, "runs": rows,
-            "schedule_mean_abs_rel_error": mean("schedule_rel_error"), "power_mean_abs_rel_error": mean("power_rel_error"),
-            "schedule_eval_mean_abs_rel_error": mean("schedule_eval_rel_error"),
-            "power_eval_mean_abs_rel_error": mean("power_eval_rel_error")}
+    out = {"fraction": fraction}
+    for target in ("eval", "train"):
+        try:
+            kappa = {d.name: fit_curve(d, bootstrap=0, target=target)["forms"]["schedule"]["kappa"] for d in sweep}
+            rows = []
+            for d in dirs:
+                ref = float(np.median([k for n, k in kappa.items() if n != d.name]))
+                r = fit_curve(d, fraction=fraction, bootstrap=100, anneal_ratio=ref, target=target)
+                iv = r["forms"]["schedule"]["interval"]
+                rows.append({"run": d.name, "steps": r["total_steps"], "column": r["loss_column"],
+                             "measured_final_loss": r["measured_final_loss"],
+                             **{f"{f}_predicted": r["forms"][f]["predicted_final_loss"] for f in r["forms"]},
+                             **{f"{f}_rel_error": r["forms"][f]["rel_error"] for f in r["forms"]},
+                             "schedule_interval": iv, "schedule_inside_interval": bool(iv[0] <= r["measured_final_loss"] <= iv[1])})
+        except CurveError as e:  # e.g. the demo sweep evaluates 5 times per run: too few eval rows in 25%
+            out[target] = {"skipped": str(e)}
+            continue
+        out[target] = {"runs": rows, **{f"{f}_mean_abs_rel_error": float(np.mean([abs(x[f"{f}_rel_error"]) for x in rows]))
+                                        for f in ("schedule", "power")},
+                       "schedule_max_abs_rel_error": float(max(abs(x["schedule_rel_error"]) for x in rows)),
+                       "schedule_inside_interval": sum(x["schedule_inside_interval"] for x in rows)}
+    return out
 
 
 def synth(n_budgets: int = 10, k: int = 25, sigma: float = 0.01, seed: int = 0) -> F.Runs:
@@ -139,32 +179,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--peer-resamples", type=int, default=2)
+    ap.add_argument("--record", nargs=2, metavar=("SWEEP_OUTPUT", "NAME"),
+                    help="copy a finished sweep to bench/data/scaling_NAME/ (runs.csv, configs, reduced metrics) and exit")
     args = ap.parse_args()
-    out = {"heldout": heldout()}
-    h = out["heldout"]
-    print(f"held-out largest budget: mean |rel error| {h['holdout_mean_abs_rel_error']:.2%} "
-          f"(max {h['holdout_max_abs_rel_error']:.2%}); 10x run: predicted before it ran "
-          f"{h['big_run']['predicted_before_run']:.4f}, measured {h['big_run']['measured']:.4f} "
-          f"({h['big_run']['rel_error_before_run']:+.2%})", flush=True)
-    out["curves"] = curves()
-    c = out["curves"]
-    print(f"final loss from the first 25% of each run ({len(c['runs'])} runs): schedule form mean |rel error| "
-          f"{c['schedule_mean_abs_rel_error']:.2%}, power law {c['power_mean_abs_rel_error']:.2%} "
-          f"(eval loss: {c['schedule_eval_mean_abs_rel_error']:.2%}, {c['power_eval_mean_abs_rel_error']:.2%})", flush=True)
+    if args.record:
+        print(f"recorded in {record(Path(args.record[0]), args.record[1])}")
+        return
+    out = {}
+    for name in SWEEPS:
+        data = DATA / f"scaling_{name}"
+        h, c = heldout(data), curves(data)
+        out[name] = {"heldout": h, "curves": c}
+        curve = "; ".join(f"{t} loss from the first 25% of each run: schedule form mean |rel error| "
+                          f"{c[t]['schedule_mean_abs_rel_error']:.2%} (max {c[t]['schedule_max_abs_rel_error']:.2%}), "
+                          f"power law {c[t]['power_mean_abs_rel_error']:.2%}" for t in ("eval", "train") if "runs" in c[t])
+        print(f"{name}: held-out largest budget (C={h['holdout_C']:.3g}): mean |rel error| "
+              f"{h['holdout_mean_abs_rel_error']:.2%} (max {h['holdout_max_abs_rel_error']:.2%}); {curve}", flush=True)
+        if "big_run" in h:
+            b = h["big_run"]
+            print(f"{name}: 10x run predicted before it ran {b['predicted_before_run']:.4f}, measured {b['measured']:.4f} "
+                  f"({b['rel_error_before_run']:+.2%})", flush=True)
     out["speed"] = speed(args.resamples, args.peer_resamples)
     s = out["speed"]
     print(f"{s['runs']} runs, {s['resamples']} resamples: danlu {s['danlu_seconds']:.1f} s wall ({s['danlu_cpu_seconds']:.1f} s CPU, "
           f"everything incl. approaches 1/2 and GPT-4 form); plain Epoch-style fit "
           f"{s['peer_seconds_extrapolated']:.0f} s wall extrapolated from the fit + {s['peer_resamples_timed']} resamples "
           f"({s['peer_fit_seconds']:.1f} s per fit); same optimum: {s['same_optimum_as_peer']}", flush=True)
-    summary = {"heldout_mean_abs_rel_error": h["holdout_mean_abs_rel_error"],
-               "big_run_rel_error_before_run": h["big_run"]["rel_error_before_run"],
-               "curve25_schedule_mean_abs_rel_error": c["schedule_mean_abs_rel_error"],
-               "curve25_power_mean_abs_rel_error": c["power_mean_abs_rel_error"],
+    bench, demo = out[SWEEPS[0]], out[SWEEPS[1]]
+    summary = {"heldout_mean_abs_rel_error": bench["heldout"]["holdout_mean_abs_rel_error"],
+               "heldout_max_abs_rel_error": bench["heldout"]["holdout_max_abs_rel_error"],
+               "curve25_eval_schedule_mean_abs_rel_error": bench["curves"]["eval"]["schedule_mean_abs_rel_error"],
+               "curve25_eval_power_mean_abs_rel_error": bench["curves"]["eval"]["power_mean_abs_rel_error"],
+               "curve25_train_schedule_mean_abs_rel_error": bench["curves"]["train"]["schedule_mean_abs_rel_error"],
+               "demo_heldout_mean_abs_rel_error": demo["heldout"]["holdout_mean_abs_rel_error"],
+               "demo_curve25_train_schedule_mean_abs_rel_error": demo["curves"]["train"]["schedule_mean_abs_rel_error"],
+               "demo_big_run_rel_error_before_run": demo["heldout"]["big_run"]["rel_error_before_run"],
                "fit250_bootstrap1000_seconds": s["danlu_seconds"], "fit250_bootstrap1000_cpu_seconds": s["danlu_cpu_seconds"],
                "peer_plain_seconds_extrapolated": s["peer_seconds_extrapolated"],
                "speedup": s["peer_seconds_extrapolated"] / s["danlu_seconds"]}
-    (ROOT / "bench" / "data" / "scaling_fit_last.json").write_text(json.dumps(F.to_jsonable(out), indent=1) + "\n")
+    (DATA / "scaling_fit_last.json").write_text(json.dumps(F.to_jsonable(out), indent=1) + "\n")
     print(json.dumps(F.to_jsonable(summary)))
 
 
