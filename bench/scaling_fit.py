@@ -74,6 +74,15 @@ def heldout(data: Path) -> dict:
     out = {"holdout_C": rep["C"], "holdout_mean_abs_rel_error": rep["mean_abs_rel_error"],
            "holdout_max_abs_rel_error": rep["max_abs_rel_error"], "holdout_runs": rep["runs"],
            "holdout_gpt4_frontier_rel_error": rep.get("gpt4_frontier", {}).get("rel_error")}
+    groups = F.budget_groups(runs)
+    below = runs.subset(groups != groups[np.argmax(runs.C)])
+    try:  # one step back: the second-largest budget from the ones below it
+        _, rep2 = F.holdout_largest(below, bootstrap=1000)
+    except F.FitError:  # too few runs below it
+        rep2 = None
+    if rep2 is not None:
+        out.update({"next_holdout_C": rep2["C"], "next_holdout_mean_abs_rel_error": rep2["mean_abs_rel_error"],
+                    "next_holdout_max_abs_rel_error": rep2["max_abs_rel_error"], "next_holdout_runs": rep2["runs"]})
     if not (data / "predicted.csv").exists():
         return out
     fit = F.fit_all(runs, bootstrap=1000)
@@ -193,8 +202,11 @@ def main() -> None:
         curve = "; ".join(f"{t} loss from the first 25% of each run: schedule form mean |rel error| "
                           f"{c[t]['schedule_mean_abs_rel_error']:.2%} (max {c[t]['schedule_max_abs_rel_error']:.2%}), "
                           f"power law {c[t]['power_mean_abs_rel_error']:.2%}" for t in ("eval", "train") if "runs" in c[t])
+        nxt = (f"; the next budget (C={h['next_holdout_C']:.3g}) from the ones below it: "
+               f"{h['next_holdout_mean_abs_rel_error']:.2%} (max {h['next_holdout_max_abs_rel_error']:.2%})"
+               if "next_holdout_C" in h else "")
         print(f"{name}: held-out largest budget (C={h['holdout_C']:.3g}): mean |rel error| "
-              f"{h['holdout_mean_abs_rel_error']:.2%} (max {h['holdout_max_abs_rel_error']:.2%}); {curve}", flush=True)
+              f"{h['holdout_mean_abs_rel_error']:.2%} (max {h['holdout_max_abs_rel_error']:.2%}){nxt}; {curve}", flush=True)
         if "big_run" in h:
             b = h["big_run"]
             print(f"{name}: 10x run predicted before it ran {b['predicted_before_run']:.4f}, measured {b['measured']:.4f} "
@@ -208,6 +220,7 @@ def main() -> None:
     bench, demo = out[SWEEPS[0]], out[SWEEPS[1]]
     summary = {"heldout_mean_abs_rel_error": bench["heldout"]["holdout_mean_abs_rel_error"],
                "heldout_max_abs_rel_error": bench["heldout"]["holdout_max_abs_rel_error"],
+               "next_heldout_mean_abs_rel_error": bench["heldout"].get("next_holdout_mean_abs_rel_error"),
                "curve25_eval_schedule_mean_abs_rel_error": bench["curves"]["eval"]["schedule_mean_abs_rel_error"],
                "curve25_eval_power_mean_abs_rel_error": bench["curves"]["eval"]["power_mean_abs_rel_error"],
                "curve25_train_schedule_mean_abs_rel_error": bench["curves"]["train"]["schedule_mean_abs_rel_error"],
