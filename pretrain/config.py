@@ -136,6 +136,7 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     run_dir: str = "runs/default"
     max_seconds: float = 0.0  # >0: stop (cleanly, with a final eval) after this many seconds
+    stop_at: int = 0  # >0: stop (checkpoint, eval) after this step; the schedule still spans `steps` (WSD branches)
     spike_factor: float = 0.0  # >0: a step whose loss exceeds this x the running median is not applied
     spike_window: int = 32  # steps in the running median
     max_bad_steps: int = 5  # this many skipped (non-finite or spiking) steps in a row trigger bad_step_policy
@@ -405,6 +406,8 @@ def check_static(cfg: Config) -> None:
                           f"({t.global_batch_size // t.microbatches} x {d.seq_len})")
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or not 0 < o.cooldown_fraction <= 1:
         raise ConfigError("optimizer: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, 0 < cooldown_fraction <= 1")
+    if not 0 <= t.stop_at <= t.steps:
+        raise ConfigError(f"train.stop_at={t.stop_at} must be in [0, train.steps={t.steps}] (0: run to the end)")
     if o.warmup_steps >= t.steps and o.schedule != "constant":
         raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     for key, v in [("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.tensor", cfg.mesh.tensor)]:

@@ -439,7 +439,7 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
     step = start_step
     stopped_early = False
     try:
-        while step < t.steps:
+        while step < (t.stop_at or t.steps):
             index, local = next_batch()
             state, metrics = built.train_step(state, global_batch(local, built.batch_sharding, t.global_batch_size))
             step += 1
@@ -468,7 +468,8 @@ def train(cfg: Config, devices=None, *, log: Callable[[str], None] = print) -> d
                 log(f"rolled back to the checkpoint of step {step}; batches {culprits} will be skipped")
                 continue
 
-            stopping = bool(stop_signal) or (bool(t.max_seconds) and time.perf_counter() - t_start > t.max_seconds)
+            stopping = bool(stop_signal) or (bool(t.max_seconds) and time.perf_counter() - t_start > t.max_seconds) \
+                or (bool(t.stop_at) and step >= t.stop_at and step < t.steps)
             if eval_batches and (step == t.steps or stopping or (t.eval_every and step % t.eval_every == 0)):
                 last_eval = eval_at[step] = evaluate(built, state.params, eval_batches)
             if bar is not None:

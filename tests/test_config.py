@@ -73,6 +73,7 @@ BAD = [
     (["data.seq_len=4096"], 8, "data.seq_len=4096 exceeds model.max_seq_len=512"),
     (["train.vocab_chunk=1000"], 8, "train.vocab_chunk=1000 must divide model.vocab_size=4096"),
     (["optimizer.warmup_steps=5000", "train.steps=600"], 8, "optimizer.warmup_steps=5000 must be smaller than train.steps=600"),
+    (["train.stop_at=700", "train.steps=600"], 8, "train.stop_at=700 must be in [0, train.steps=600]"),
     (["model.vocab_size=4097", "mesh.tensor=2", "mesh.fsdp=4"], 8, "model.vocab_size=4097 is not divisible by mesh.tensor=2"),
     (["model.head_dim=33"], 8, "must be even for rotary position embeddings"),
     (["train.loss_chunks=7"], 8, "train.loss_chunks=7 must divide the tokens of a microbatch (16 x 128)"),

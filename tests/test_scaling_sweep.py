@@ -93,6 +93,9 @@ def test_shipped_sweep_configs_plan():
         assert path.read_text().startswith("#"), f"{path.name}: starts with a header comment"
         s = P.load_sweep(path)
         points = P.plan_sweep(s)
+        if s.grid.kind == "explicit":  # e.g. cpu_wsd.yaml: sizes x token counts
+            assert len({p.params for p in points}) >= 2 and len({p.tokens for p in points}) >= 3, path.name
+            continue
         budgets = sorted({p.budget for p in points})
         # demo.yaml is danlu demo's 2-minute cut (10x); the sweeps for predictions span 30x and more
         assert budgets[-1] / budgets[0] >= (10 if path.name == "demo.yaml" else 30), path.name
@@ -134,3 +137,41 @@ def test_one_real_point_runs_is_recorded_and_then_skipped(tmp_path, shards, caps
     assert (run_dir / "summary.json").stat().st_mtime == mtime and len(read_rows(Path(s.output) / "runs.csv")) == 1
     curve = fit_curve(run_dir, bootstrap=5)
     assert curve["finished"] and curve["lr_schedule"] == "config.yaml" and curve["rows_fitted"] >= 40
+
+
+def test_wsd_cooldown_branch_equals_a_run_from_scratch(tmp_path, shards):
+    """grid.wsd_branches: one WSD main run per size, checkpointed at the other points' cooldown
+    starts; each of those points is a cooldown branch restored from the checkpoint, and ends where a
+    WSD run of its own length from scratch ends (same warmup, same data order): the same losses."""
+    from pretrain.scaling.runner import read_rows, run_sweep
+    from pretrain.train import train
+
+    over = ["checkpoint.enabled=false", "logging.tensorboard=false", "data.seq_len=32", "model.max_seq_len=32",
+            "model.vocab_size=512", "data.eval_batches=2", f"data.path={shards}"]
+    path = write_sweep(tmp_path, grid={"kind": "explicit", "params": [6000], "tokens": [8192, 20480],
+                                       "wsd_branches": True, "cooldown_fraction": 0.25},
+                       overrides=over, batch={"base": 8}, warmup_fraction=0.1)
+    s = P.load_sweep(path)
+    branch, main = P.plan_sweep(s)
+    assert (branch.steps, main.steps) == (32, 80) and branch.branch_of == main.name and not main.branch_of
+    assert branch.branch_step == 32 - 8 and branch.warmup == main.warmup == 8
+    rows = {r["name"]: r for r in run_sweep(s, log=lambda m: None)}
+    assert set(rows) == {branch.name, main.name}
+    b_summary = json.loads((Path(s.output) / branch.name / "summary.json").read_text())
+    assert b_summary["steps"] == 32 and not b_summary["stopped_early"]
+    logged = [json.loads(x)["step"] for x in (Path(s.output) / branch.name / "metrics.jsonl").read_text().splitlines()]
+    assert min(logged) == 25 and max(logged) == 32  # it trained the cooldown only, from the main run's step 24
+    assert (Path(s.output) / main.name / "checkpoints" / "24").is_dir()  # the branch point, kept
+
+    scratch = load_config(s.base, P.point_overrides(s, branch) + [f"train.run_dir={tmp_path / 'scratch'}"])
+    ref = train(scratch, log=lambda m: None)
+    assert float(rows[branch.name]["loss"]) == pytest.approx(ref["final_eval_loss"], rel=1e-6)
+    assert b_summary["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-6)
+    assert len(read_rows(Path(s.output) / "runs.csv")) == 2
+
+    with pytest.raises(ConfigError, match="inside the main run's warmup"):
+        P.plan_sweep(P.load_sweep(write_sweep(tmp_path, grid={"kind": "explicit", "params": [6000],
+                                                               "tokens": [2048, 20480], "wsd_branches": True},
+                                              overrides=over, batch={"base": 8}, warmup_fraction=0.1)))
+    with pytest.raises(ConfigError, match="wsd_branches needs kind: explicit"):
+        P.load_sweep(write_sweep(tmp_path, grid={"wsd_branches": True}))

@@ -36,9 +36,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"{'name':28s} {'params':>10s} {'non-emb':>10s} {'tokens':>12s} {'steps':>7s} {'batch':>5s} "
               f"{'lr':>8s} {'flops':>10s} {'6ND':>10s}")
         for p in points:
+            branch = f"  cooldown branch of {p.branch_of} from step {p.branch_step}" if p.branch_of else ""
             print(f"{p.name:28s} {p.params:10,d} {p.params_nonembed:10,d} {p.tokens:12,d} {p.steps:7d} {p.batch:5d} "
-                  f"{p.lr:8.2e} {p.flops:10.3g} {p.flops_6nd:10.3g}")
-        print(f"{len(points)} points, {sum(p.flops for p in points):.3g} FLOPs in all; output {sweep.output}")
+                  f"{p.lr:8.2e} {p.flops:10.3g} {p.flops_6nd:10.3g}{branch}")
+        total = sum(p.flops for p in points)
+        trained = sum(p.flops * (1 - p.branch_step / p.steps) if p.branch_of else p.flops for p in points)
+        spent = f" ({trained:.3g} trained: the branches share their main run's stable phase)" if trained < total else ""
+        print(f"{len(points)} points, {total:.3g} FLOPs in all{spent}; output {sweep.output}")
         return 0
     run_sweep(sweep, verbose=args.verbose, only=args.only)
     if args.predict_run:

@@ -9,7 +9,11 @@ Grids:
     sqrt(C / (6·tpp_max)) and sqrt(C / (6·tpp_min)) (tpp = tokens per parameter), and tokens
     D = C / (6·N) (`flops: 6nd`, N the total parameter count) or D = C / FLOPs-per-token
     (`flops: exact`, pretrain.flops.flops_per_token); or the listed `params` at every budget.
-  - `explicit`: every (N, D) of `params` × `tokens`.
+  - `explicit`: every (N, D) of `params` × `tokens`. With `wsd_branches: true`, each size trains
+    once: a warmup-stable-decay run to the largest D (the main run) whose stable phase is checkpointed
+    at every other point's cooldown start T − round(`cooldown_fraction`·T); each such point is a
+    cooldown branch restored from that checkpoint (pretrain/scaling/runner.py), the same run as a
+    WSD run of its own T steps from scratch (same warmup, same data order), for f·T steps instead of T.
 
 Shape rule (`shape:`): the model of target size N is the (d_model, n_layers) whose parameter
 count (`shape.params`: non-embedding or total, pretrain.flops.count_params) is closest to N in
@@ -73,6 +77,8 @@ class GridConfig:
     params: tuple[float, ...] = ()  # isoflop: these sizes at every budget instead; explicit: N values
     tokens: tuple[float, ...] = ()  # explicit: D values (crossed with params)
     flops: str = "6nd"  # how a budget becomes tokens: 6nd (C = 6·N·D) | exact (C = FLOPs/token · D)
+    wsd_branches: bool = False  # explicit grid: per size one WSD run to the largest D, cooldown branches for the rest
+    cooldown_fraction: float = 0.2  # wsd_branches: the share of each point's steps spent cooling down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +133,8 @@ class Point:
     warmup: int
     flops: float  # exact count (pretrain.flops.flops_per_token × tokens)
     flops_6nd: float
+    branch_of: str = ""  # wsd_branches: the point whose stable phase this one branches off ("" for a main run)
+    branch_step: int = 0  # wsd_branches: the step where this point's cooldown starts (its branch point)
 
 
 def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepConfig:
@@ -176,6 +184,11 @@ def check_sweep(s: SweepConfig) -> None:
     else:
         if not g.params or not g.tokens:
             raise ConfigError("grid: an explicit grid needs both grid.params and grid.tokens lists")
+    if g.wsd_branches and (g.kind != "explicit" or len(g.tokens) < 2):
+        raise ConfigError("grid.wsd_branches needs kind: explicit and two or more grid.tokens (the largest is the "
+                          "main run, the others its cooldown branches)")
+    if not 0 < g.cooldown_fraction < 1:
+        raise ConfigError(f"grid.cooldown_fraction={g.cooldown_fraction} must be in (0, 1)")
     if any(n <= 0 for n in g.params) or any(d <= 0 for d in g.tokens):
         raise ConfigError("grid.params and grid.tokens must be positive")
     if sh.head_dim <= 0 or sh.head_dim % 2 or sh.kv_ratio < 1 or sh.aspect_ratio <= 0 or sh.ff_multiple <= 0:
@@ -273,6 +286,8 @@ def plan_sweep(s: SweepConfig) -> list[Point]:
             continue
         seen.add(key)
         points.append(_make_point(s, base, budget, target, tokens, shape))
+    if s.grid.wsd_branches:
+        points = _wsd_branches(s, points)
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two points share a name ({sorted(n for n in names if names.count(n) > 1)}); "
@@ -280,6 +295,26 @@ def plan_sweep(s: SweepConfig) -> list[Point]:
     for p in points:
         point_config(s, p)  # reject the whole sweep before anything runs
     return points
+
+
+def _wsd_branches(s: SweepConfig, points: list[Point]) -> list[Point]:
+    """Per model shape, the point with most steps is the main run; every other point of that shape
+    branches off its stable phase at its own cooldown start T − round(f·T), with the main run's
+    warmup (so the two schedules agree up to the branch point). Branches come before their main run,
+    shortest first: the runner trains the main run up to each branch point in turn."""
+    f = s.grid.cooldown_fraction
+    out = []
+    for shape in dict.fromkeys((p.d_model, p.n_layers) for p in points):
+        group = sorted((p for p in points if (p.d_model, p.n_layers) == shape), key=lambda p: p.steps)
+        main = group[-1]
+        for p in group[:-1]:
+            b = p.steps - max(1, round(p.steps * f))
+            if b <= main.warmup:
+                raise ConfigError(f"sweep point {p.name}: its cooldown would start at step {b}, inside the main run's "
+                                  f"warmup ({main.warmup} steps); raise its tokens or lower warmup_fraction")
+            out.append(dataclasses.replace(p, warmup=main.warmup, branch_of=main.name, branch_step=b))
+        out.append(main)
+    return out
 
 
 def _make_point(s: SweepConfig, base: Config, budget: float, target: float, tokens: float | None,
@@ -309,7 +344,11 @@ def _make_point(s: SweepConfig, base: Config, budget: float, target: float, toke
 def point_overrides(s: SweepConfig, p: Point) -> list[str]:
     """The dotted overrides that turn the base train config into this point's config."""
     every = max(1, p.steps // s.eval_points)
-    return list(_data_overrides(s)) + list(s.overrides) + [
+    wsd = []
+    if s.grid.wsd_branches:  # checkpoints: a main run keeps one per branch point, a branch restores one
+        wsd = ["optimizer.schedule=wsd", f"optimizer.cooldown_fraction={s.grid.cooldown_fraction}",
+               "checkpoint.enabled=true", "checkpoint.every=0", f"checkpoint.keep={len(s.grid.tokens) + 1}"]
+    return list(_data_overrides(s)) + list(s.overrides) + wsd + [
         f"model.d_model={p.d_model}", f"model.n_layers={p.n_layers}", f"model.n_heads={p.n_heads}",
         f"model.n_kv_heads={p.n_kv_heads}", f"model.head_dim={s.shape.head_dim}", f"model.d_ff={p.d_ff}",
         f"train.global_batch_size={p.batch}", f"train.steps={p.steps}", f"optimizer.lr={p.lr:.6g}",

@@ -108,6 +108,36 @@ def run_point(s: SweepConfig, p: Point, csv_path: Path, log: Callable[[str], Non
     return row
 
 
+def branch_checkpoint(s: SweepConfig, p: Point, log: Callable[[str], None] = print, verbose: bool = False) -> Path:
+    """The main run's checkpoint at branch point p.branch_step, copied into p's run directory (where
+    `train` resumes from it). The main run is trained up to that step first when it has not got
+    there (`train.stop_at`; it resumes from its own latest checkpoint)."""
+    import shutil
+
+    from pretrain.config import load_config
+    from pretrain.scaling.plan import point_overrides
+    from pretrain.train import train
+
+    main_dir = Path(s.output) / p.branch_of
+    src = main_dir / "checkpoints" / str(p.branch_step)
+    if not src.exists():
+        main = next(q for q in plan_sweep(s) if q.name == p.branch_of)
+        cfg = load_config(s.base, point_overrides(s, main) + [f"train.stop_at={p.branch_step}"])
+        summary = train(cfg, log=log if verbose else (lambda _msg: None))
+        if summary.get("signal") or summary["steps"] != p.branch_step or not src.exists():
+            raise RuntimeError(f"sweep point {p.name}: the main run {p.branch_of} did not stop with a checkpoint at "
+                               f"step {p.branch_step} (it is at step {summary['steps']}; {src} "
+                               f"{'exists' if src.exists() else 'is missing'}); rerun the sweep to continue, or delete "
+                               f"{main_dir} to train it again when it went past the branch point")
+    dest = Path(s.output) / p.name / "checkpoints" / str(p.branch_step)
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dest)
+    return dest
+
+
 def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bool = False,
               only: list[str] | None = None) -> list[dict]:
     """Plans (validating every point first), then trains each unfinished point; returns all rows
@@ -133,6 +163,9 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
             log(f"{tag}: done already, skipped")
             continue
         t1 = time.perf_counter()
+        if p.branch_of:
+            branch_checkpoint(s, p, log, verbose)
+            tag += f" (cooldown branch of {p.branch_of} at step {p.branch_step})"
         row = run_point(s, p, csv_path, log, verbose)
         log(f"{tag}: loss {float(row['loss']):.4f} ({time.perf_counter() - t1:.0f} s)")
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {csv_path}")
