@@ -9,8 +9,8 @@ config's `overrides`, `train.run_dir=<launch run_dir>/<point name>`), validated 
 count before any TPU is touched. The TPU VM (or queued resource) is created once, danlu installed
 once, and every point is run by `danlu launch tpu watch`'s loop (recreated and resumed after a
 preemption); when a point's `danlu train` has exited 0, its `summary.json` is read from worker 0
-and its row appended to runs.csv, so an interrupted sweep resumes at the next point. The points' shards must be where the TPUs can read them (`data.path=gs://...`):
-`demo_data` is refused.
+and its row appended to runs.csv, so an interrupted sweep resumes at the next point. The points'
+shards must be where the TPUs can read them (`data.path=gs://...`): `demo_data` is refused.
 """
 from __future__ import annotations
 
