@@ -31,6 +31,9 @@ def main(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.overrides)
     if args.launch:
         return _on_tpu(sweep, args)
+    if sweep.demo_data.enabled:  # a CPU sweep of the README (as `danlu demo`): no TPU probe with libtpu installed
+        import os
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.dry_run:
         points = plan_sweep(sweep)
         print(f"{'name':28s} {'params':>10s} {'non-emb':>10s} {'tokens':>12s} {'steps':>7s} {'batch':>5s} "
