@@ -224,6 +224,7 @@ def main() -> None:
                "curve25_eval_schedule_mean_abs_rel_error": bench["curves"]["eval"]["schedule_mean_abs_rel_error"],
                "curve25_eval_power_mean_abs_rel_error": bench["curves"]["eval"]["power_mean_abs_rel_error"],
                "curve25_train_schedule_mean_abs_rel_error": bench["curves"]["train"]["schedule_mean_abs_rel_error"],
+               "big_run_rel_error_before_run": bench["heldout"].get("big_run", {}).get("rel_error_before_run"),
                "demo_heldout_mean_abs_rel_error": demo["heldout"]["holdout_mean_abs_rel_error"],
                "demo_curve25_train_schedule_mean_abs_rel_error": demo["curves"]["train"]["schedule_mean_abs_rel_error"],
                "demo_big_run_rel_error_before_run": demo["heldout"]["big_run"]["rel_error_before_run"],
