@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import sys
 import time
-import types
 import typing
 from collections import Counter
 from pathlib import Path
@@ -57,7 +56,7 @@ import yaml
 from data_pipeline import readers as R
 from data_pipeline.io import dumps_line
 from data_pipeline.steps import Drop, Step, StepError, build_steps
-from pretrain.config import ConfigError, read_yaml_mapping
+from pretrain.config import ConfigError, _build, read_yaml_mapping, unknown_key_error
 
 STATE_DIR = ".state"
 DOCUMENTS_DIR = "documents"
@@ -107,66 +106,6 @@ class CleanConfig:
     stage_options: tuple[tuple[str, Any], ...] = ()
 
 
-def _unknown(key: str, known: typing.Iterable[str], prefix: str) -> ConfigError:
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    full = f"{prefix}.{key}" if prefix else key
-    hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {full!r}{hint}; known keys: {', '.join(sorted(known))}")
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """A YAML/CLI value converted to a field's type, or ConfigError naming the key."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _coerce(value, [a for a in args if a is not type(None)][0], key)
-    if origin is tuple:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, key) for v in value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """A frozen dataclass from a mapping: unknown keys rejected with a did-you-mean."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            raise _unknown(str(k), fields, prefix)
-        typ = hints[k]
-        if dataclasses.is_dataclass(typ):
-            kwargs[k] = _build(typ, v, key)
-        else:
-            kwargs[k] = _coerce(v, typ, key)
-    return cls(**kwargs)
-
-
 def _build_input(raw: Any, where: str) -> InputConfig:
     if isinstance(raw, str):
         raw = {"path": raw}
@@ -211,7 +150,7 @@ def config_from_dict(tree: dict) -> CleanConfig:
                 raise ConfigError(f"readers.{k}: expected a mapping of options, got {v!r}")
             _build(R.READERS[k].options, v, f"readers.{k}")  # unknown keys and types, named as written
         elif k not in common:
-            raise _unknown(str(k), [*common, *R.READERS], "readers")
+            raise unknown_key_error(str(k), [*common, *R.READERS], "readers")
     if cfg.runner not in RUNNERS:
         raise ConfigError(f"runner={cfg.runner!r} is not one of {', '.join(RUNNERS)}")
     if cfg.output.compression not in COMPRESSION_SUFFIX:

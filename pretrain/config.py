@@ -280,7 +280,18 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def unknown_key_error(key: str, known: typing.Iterable[str], prefix: str) -> ConfigError:
+    """`unknown config key 'prefix.key' (did you mean ...?); known keys: ...`"""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    full = f"{prefix}.{key}" if prefix else key
+    hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {full!r}{hint}; known keys: {', '.join(sorted(known))}")
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """A frozen dataclass from a mapping (YAML or dotted overrides): unknown keys are rejected with a
+    did-you-mean, values coerced to the field types; errors name the key. Also data_pipeline's configs."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -289,9 +300,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for k, v in raw.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in fields:
-            close = difflib.get_close_matches(k, fields, n=1)
-            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}; known keys: {', '.join(sorted(fields))}")
+            raise unknown_key_error(str(k), fields, prefix)
         typ = hints[k]
         if k == "rules" and cls is Config:
             kwargs[k] = _build_rules(v)
