@@ -108,10 +108,11 @@ def run_point(s: SweepConfig, p: Point, csv_path: Path, log: Callable[[str], Non
     return row
 
 
-def branch_checkpoint(s: SweepConfig, p: Point, log: Callable[[str], None] = print, verbose: bool = False) -> Path:
-    """The main run's checkpoint at branch point p.branch_step, copied into p's run directory (where
-    `train` resumes from it). The main run is trained up to that step first when it has not got
-    there (`train.stop_at`; it resumes from its own latest checkpoint)."""
+def branch_checkpoint(s: SweepConfig, p: Point, main: Point, log: Callable[[str], None] = print,
+                      verbose: bool = False) -> Path:
+    """The checkpoint of `main` (the point p branches off) at p.branch_step, copied into p's run
+    directory (where `train` resumes from it). The main run is trained up to that step first when
+    it has not got there (`train.stop_at`; it resumes from its own latest checkpoint)."""
     import shutil
 
     from pretrain.config import load_config
@@ -121,7 +122,6 @@ def branch_checkpoint(s: SweepConfig, p: Point, log: Callable[[str], None] = pri
     main_dir = Path(s.output) / p.branch_of
     src = main_dir / "checkpoints" / str(p.branch_step)
     if not src.exists():
-        main = next(q for q in plan_sweep(s) if q.name == p.branch_of)
         cfg = load_config(s.base, point_overrides(s, main) + [f"train.stop_at={p.branch_step}"])
         summary = train(cfg, log=log if verbose else (lambda _msg: None))
         if summary.get("signal") or summary["steps"] != p.branch_step or not src.exists():
@@ -145,6 +145,7 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
     if s.demo_data.enabled:
         prepare_demo_data(s, log)
     points = plan_sweep(s)
+    by_name = {p.name: p for p in points}
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps([dataclasses.asdict(p) for p in points], indent=1) + "\n")
@@ -164,7 +165,7 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
             continue
         t1 = time.perf_counter()
         if p.branch_of:
-            branch_checkpoint(s, p, log, verbose)
+            branch_checkpoint(s, p, by_name[p.branch_of], log, verbose)
             tag += f" (cooldown branch of {p.branch_of} at step {p.branch_step})"
         row = run_point(s, p, csv_path, log, verbose)
         log(f"{tag}: loss {float(row['loss']):.4f} ({time.perf_counter() - t1:.0f} s)")
