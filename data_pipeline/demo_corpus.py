@@ -1,9 +1,16 @@
 """A small real corpus from what every Python install has: nothing is downloaded.
 
 Two sources:
-  - "code": the standard library's own .py files, as they are on disk;
+  - "code": the standard library's own .py files, as they are on disk, plus (optional,
+    `packages=`) the .py files of installed packages, such as the pinned jax and flax
+    that danlu itself depends on: more text than the standard library's ~15 MB;
   - "docs": pydoc's plain-text rendering of standard-library modules (what `help(json)`
     prints): English prose with signatures, a different register from the code.
+
+Every document names its module in `group` ("json.decoder" for both json/decoder.py and
+the rendered docs of json.decoder), so a split by group (tokenize's `split_by="group"`)
+keeps a module's docs out of eval when its code is in train: pydoc prints the code's
+docstrings again.
 
 Content is fixed by the Python version (and its build): files are chosen in the order
 of a hash of their relative path (a spread over the library instead of just a-c) until
@@ -16,6 +23,7 @@ Object addresses ("at 0x7f...") and the install prefix are scrubbed from the tex
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -24,6 +32,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from typing import Sequence
 
 from data_pipeline import io as dio
 
@@ -94,6 +103,29 @@ def _stdlib_py_files(root: str) -> list[str]:
             if f.endswith(".py"):
                 out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
     return sorted(out)
+
+
+def _package_py_files(package: str) -> list[tuple[str, str]]:
+    """(relative path under site-packages, absolute path) of an installed package's .py
+    files, tests excluded, sorted; found without importing it. Raises ValueError when the
+    package is not installed or is a single module."""
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    if not roots:
+        raise ValueError(f"demo corpus: package {package!r} is not installed as a package (no directory to read)")
+    out = []
+    for root in roots:
+        for rel in _stdlib_py_files(root):
+            out.append((f"{package}/{rel}", os.path.join(root, rel)))
+    return sorted(out)
+
+
+def module_group(relpath: str) -> str:
+    """The module a .py path holds: 'json/decoder.py' -> 'json.decoder', 'json/__init__.py' -> 'json'."""
+    parts = relpath[:-3].split("/")
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 def _module_name(relpath: str) -> str | None:
@@ -174,17 +206,20 @@ def _take(items: list[tuple[str, str]], budget: int, max_item: int,
 
 
 def build_demo_corpus(out_path: str, max_docs: int | None = None,
-                      max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+                      max_bytes: int = DEFAULT_MAX_BYTES, packages: Sequence[str] = ()) -> dict:
     """Writes the demo corpus as JSONL to `out_path` (.gz/.zst by suffix) and returns stats.
 
-    Documents: {"id": "code:json/decoder.py", "text", "source": "code", "path": "json/decoder.py"}
-    and {"id": "docs:json.decoder", "text", "source": "docs", "module": "json.decoder"};
-    docs first, then code, each sorted by id.
+    Documents: {"id": "code:json/decoder.py", "text", "source": "code", "path": "json/decoder.py",
+    "group": "json.decoder"} and {"id": "docs:json.decoder", "text", "source": "docs",
+    "module": "json.decoder", "group": "json.decoder"}; docs first, then code, each sorted by id.
 
     Args:
       out_path: output file.
       max_docs: at most this many documents (split like the bytes: docs up to half).
       max_bytes: budget of text bytes (UTF-8). Docs take up to half; code gets the rest.
+      packages: installed packages whose .py files join the code (path "jax/_src/api.py"),
+        chosen with the standard library's files by the same hash order. The text then
+        depends on the installed versions too.
 
     Returns:
       {"path", "documents", "bytes", "python", "seconds", "sources": {source: {"documents",
@@ -206,18 +241,22 @@ def build_demo_corpus(out_path: str, max_docs: int | None = None,
     docs = _take([(m, _scrub(t, root)) for m, t in rendered.items()], docs_budget, max_item, max_doc_count)
     used = sum(len(t.encode("utf-8")) for _, t in docs)
 
+    files = [(rel, os.path.join(root, rel)) for rel in py_files]
+    for package in packages:
+        files += _package_py_files(package)
     code_items = []
-    for rel in py_files:
+    for rel, path in files:
         try:
-            with open(os.path.join(root, rel), "rb") as f:
+            with open(path, "rb") as f:
                 code_items.append((rel, f.read().decode("utf-8")))
         except (OSError, UnicodeDecodeError):
             continue  # a few files are in legacy encodings; not worth special-casing
     code = _take(code_items, max_bytes - used, max_item,
                  None if max_docs is None else max_docs - len(docs))
 
-    records = [{"id": f"docs:{m}", "text": t, "source": "docs", "module": m} for m, t in docs]
-    records += [{"id": f"code:{p}", "text": t, "source": "code", "path": p} for p, t in code]
+    records = [{"id": f"docs:{m}", "text": t, "source": "docs", "module": m, "group": m} for m, t in docs]
+    records += [{"id": f"code:{p}", "text": t, "source": "code", "path": p, "group": module_group(p)}
+                for p, t in code]
     dio.write_jsonl(out_path, records)
 
     sources = {}
@@ -243,5 +282,6 @@ if __name__ == "__main__":
     ap.add_argument("out_path")
     ap.add_argument("--max-docs", type=int, default=None)
     ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    ap.add_argument("--packages", nargs="*", default=[], help="installed packages whose .py files join the code")
     a = ap.parse_args()
-    print(json.dumps(build_demo_corpus(a.out_path, a.max_docs, a.max_bytes), indent=2))
+    print(json.dumps(build_demo_corpus(a.out_path, a.max_docs, a.max_bytes, a.packages), indent=2))

@@ -299,6 +299,7 @@ def encode_to_shards(
     workers: int | None = None,
     *,
     chunk_docs: int = 256,
+    split_by: str = "id",
 ) -> dict:
     """Encodes documents into ArrayRecord token shards and writes manifest.json.
 
@@ -308,7 +309,7 @@ def encode_to_shards(
       tokenizer: path of a sentencepiece .model; copied to `output_dir/tokenizer.model`.
       num_shards: number of train shards. Eval gets ceil(num_shards * eval_fraction)
         shards (at least 1 when eval_fraction > 0).
-      eval_fraction: share of documents held out, chosen by a hash of `id`. If none
+      eval_fraction: share of documents held out, chosen by a hash of `id` (`split_by`). If none
         falls in eval but there are >= 2 documents, the one with the smallest hash is
         moved to eval, so a small corpus still has an eval split.
       workers: encoding processes (default: all cores); <= 1 encodes in this process.
@@ -316,6 +317,10 @@ def encode_to_shards(
         Workers are spawned (not forked), so a script calling this with workers > 1
         needs the usual `if __name__ == "__main__":` guard.
       chunk_docs: documents per task sent to a worker.
+      split_by: the document field whose hash chooses the split: "id" (each document on
+        its own) or a grouping field, e.g. the demo corpus's "group", so that documents
+        sharing text (a module's code and its rendered docs) land on the same side. A
+        document without the field is split by its id.
 
     Returns:
       The manifest (also written to `output_dir/manifest.json`); see `_build_manifest`.
@@ -367,7 +372,7 @@ def encode_to_shards(
 
     def route(doc: dict, record: bytes) -> None:
         nonlocal held, eval_seen
-        key = split_key(doc["id"])
+        key = split_key(doc["split"])
         if key < eval_fraction:
             eval_seen += 1
             put("eval", doc, record)
@@ -386,7 +391,9 @@ def encode_to_shards(
         texts: list[str] = []
         for path, doc in _iter_documents(paths, errors):
             docs_per_input[path] += 1
-            metas.append({"id": doc["id"], "source": doc.get("source", "unknown")})
+            split = doc.get(split_by)
+            metas.append({"id": doc["id"], "source": doc.get("source", "unknown"),
+                          "split": split if isinstance(split, str) else doc["id"]})
             texts.append(doc["text"])
             if len(metas) >= chunk_docs:
                 yield metas, texts
@@ -425,7 +432,7 @@ def encode_to_shards(
     dio.write_jsonl(os.path.join(output_dir, ERRORS), errors)
     manifest = _build_manifest(
         paths=paths, shards=shards, errors=errors, docs_per_input=docs_per_input, sp=sp,
-        model_path=model_path, copied_from=copied_from, eval_fraction=eval_fraction,
+        model_path=model_path, copied_from=copied_from, eval_fraction=eval_fraction, split_by=split_by,
     )
     tmp = os.path.join(output_dir, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -437,8 +444,17 @@ def encode_to_shards(
     return manifest
 
 
+def _split_rule(split_by: str) -> str:
+    if split_by == "id":
+        return ("eval iff int(blake2b(id, digest_size=16)[:8], big-endian) / 2**64 < eval_fraction"
+                " (if none and >= 2 documents: the smallest); shard = int(digest[8:]) % shards")
+    return (f"eval iff int(blake2b({split_by} (id when absent), digest_size=16)[:8], big-endian) / 2**64"
+            " < eval_fraction (if none and >= 2 documents: the smallest);"
+            " shard = int(blake2b(id, digest_size=16)[8:]) % shards")
+
+
 def _build_manifest(*, paths, shards, errors, docs_per_input, sp, model_path, copied_from,
-                    eval_fraction) -> dict:
+                    eval_fraction, split_by="id") -> dict:
     """The manifest.json contents. Sorted, count-only, no timestamps: deterministic."""
     splits: dict[str, dict] = {}
     sources: dict[str, dict] = {}
@@ -475,8 +491,7 @@ def _build_manifest(*, paths, shards, errors, docs_per_input, sp, model_path, co
         "eos_appended": False,
         "bos_prepended": False,
         "eval_fraction": eval_fraction,
-        "split_rule": "eval iff int(blake2b(id, digest_size=16)[:8], big-endian) / 2**64 < eval_fraction"
-                      " (if none and >= 2 documents: the smallest); shard = int(digest[8:]) % shards",
+        "split_rule": _split_rule(split_by),
         "documents": sum(s["documents"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "splits": splits,
@@ -518,6 +533,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's document sample")
     parser.add_argument("--num-shards", type=int, default=8, help="train shards")
     parser.add_argument("--eval-fraction", type=float, default=0.01)
+    parser.add_argument("--split-by", default="id",
+                        help="document field whose hash picks train or eval: id, or a grouping field (e.g. group)")
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
 
 
@@ -536,7 +553,8 @@ def main(args: argparse.Namespace) -> int:
             )
             print(f"trained {model}")
         manifest = encode_to_shards(args.input, args.output, model, num_shards=args.num_shards,
-                                    eval_fraction=args.eval_fraction, workers=args.workers)
+                                    eval_fraction=args.eval_fraction, workers=args.workers,
+                                    split_by=args.split_by)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"danlu tokenize: error: {e}", file=sys.stderr)
         return 1

@@ -76,6 +76,10 @@ def test_shape_rule_hits_the_target_count():
     ({"lr": {"bas": 1e-3}}, "unknown config key 'lr.bas'"),
     ({"overrides": ["data.eval_batches=0"]}, "data.eval_batches must be >= 1"),
     ({"overrides": ["data.seq_len=4096"]}, "exceeds model.max_seq_len"),
+    ({"demo_data": {"enabled": True, "eval_split": "file"}}, "demo_data.eval_split='file' is not one of document"),
+    ({"demo_data": {"enabled": True, "packages": ["no_such_pkg_x"]}},
+     "demo_data.packages: 'no_such_pkg_x' is not an installed package"),
+    ({"demo_data": {"enabled": True, "eval_fraction": 0}}, r"demo_data.eval_fraction=0.0 must be in \(0, 1\)"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):
     path = write_sweep(tmp_path, **change)

@@ -183,6 +183,26 @@ def test_split_depends_only_on_id(corpus, model, tmp_path):
     assert 0.08 < np.mean(np.array(keys) < 0.1) < 0.12
 
 
+def test_split_by_a_group_field_keeps_groups_together(model, tmp_path):
+    docs = make_docs(240, seed=7)
+    for i, d in enumerate(docs[:200]):
+        d["group"] = f"module-{i // 4}"  # 50 groups of 4; the last 40 documents have no group
+    inp = write_docs(tmp_path / "g.jsonl", docs)
+    m = tok.encode_to_shards([inp], str(tmp_path / "g"), model, num_shards=3, eval_fraction=0.2, workers=1,
+                             split_by="group")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    evals = {sp.decode(r.tolist()) for sh in m["shards"] if sh["split"] == "eval"
+             for r in read_shard(str(tmp_path / "g" / sh["path"]))}
+    expect = {d["text"] for d in docs if tok.split_key(d.get("group", d["id"])) < 0.2}
+    assert evals == expect
+    groups_in_eval = {d["group"] for d in docs[:200] if d["text"] in evals}
+    assert groups_in_eval and all(d["text"] in evals for d in docs[:200] if d["group"] in groups_in_eval)
+    assert any(d["text"] in evals for d in docs[200:])  # no group: split by its id
+    assert "blake2b(group (id when absent)" in m["split_rule"]
+    m_id = tok.encode_to_shards([inp], str(tmp_path / "i"), model, num_shards=3, eval_fraction=0.2, workers=1)
+    assert m_id["splits"]["eval"]["documents"] != m["splits"]["eval"]["documents"]  # by id: another split
+
+
 def test_small_corpus_still_gets_an_eval_document(model, tmp_path):
     docs = [d for d in make_docs(60) if tok.split_key(d["id"]) >= 0.01][:3]  # none would be eval by hash
     inp = write_docs(tmp_path / "three.jsonl", docs)
@@ -273,3 +293,23 @@ def test_demo_corpus_small(tmp_path):
     assert all(d["id"] == "code:" + d["path"] and d["path"].endswith(".py") for d in code)
     text = "".join(d["text"] for d in docs)
     assert " at 0x7" not in text and os.path.expanduser("~") + "/" not in text
+    assert all(d["group"] == demo_corpus.module_group(d["path"]) for d in code)
+    assert all(d["group"] == d["module"] for d in docs if d["source"] == "docs")
+
+
+def test_demo_corpus_groups_and_packages(tmp_path):
+    assert demo_corpus.module_group("json/decoder.py") == "json.decoder"
+    assert demo_corpus.module_group("json/__init__.py") == "json"
+    assert demo_corpus.module_group("argparse.py") == "argparse"
+    files = demo_corpus._package_py_files("optax")  # a pinned dependency, found without importing it
+    assert files and all(rel.startswith("optax/") and rel.endswith(".py") and os.path.isfile(path)
+                         for rel, path in files)
+    assert not any("/tests/" in rel or "/test/" in rel for rel, _ in files)  # test directories are skipped
+    out = str(tmp_path / "p.jsonl")
+    stats = demo_corpus.build_demo_corpus(out, max_docs=2000, max_bytes=600_000, packages=["optax"])
+    docs = list(dio.read_jsonl(out))
+    optax_docs = [d for d in docs if d.get("path", "").startswith("optax/")]
+    assert optax_docs and all(d["group"].startswith("optax.") or d["group"] == "optax" for d in optax_docs)
+    assert stats["bytes"] <= 600_000
+    with pytest.raises(ValueError, match="package 'no_such_pkg_x' is not installed"):
+        demo_corpus.build_demo_corpus(out, max_bytes=1000, packages=["no_such_pkg_x"])

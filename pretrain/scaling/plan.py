@@ -87,6 +87,9 @@ class DemoDataConfig:
     enabled: bool = False
     vocab_size: int = 1024
     max_bytes: int = 8 * 1024 * 1024
+    packages: tuple[str, ...] = ()  # installed packages whose .py files join the code (more than the stdlib's ~15 MB)
+    eval_split: str = "document"  # or "module": a module's code and its rendered docs on the same side of the split
+    eval_fraction: float = 0.02  # share of documents (modules) held out for eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +202,15 @@ def check_sweep(s: SweepConfig) -> None:
         raise ConfigError(f"warmup_fraction={s.warmup_fraction} must be in [0, 1)")
     if s.eval_points < 1 or s.log_points < 1:
         raise ConfigError("eval_points and log_points must be >= 1")
+    if s.demo_data.eval_split not in ("document", "module"):
+        raise ConfigError(f"demo_data.eval_split={s.demo_data.eval_split!r} is not one of document, module")
+    if not 0 < s.demo_data.eval_fraction < 1:
+        raise ConfigError(f"demo_data.eval_fraction={s.demo_data.eval_fraction} must be in (0, 1)")
+    if s.demo_data.enabled:
+        import importlib.util
+        for package in s.demo_data.packages:
+            if not package.isidentifier() or importlib.util.find_spec(package) is None:
+                raise ConfigError(f"demo_data.packages: {package!r} is not an installed package")
     if s.predict.budget_factor <= 0 or s.predict.bootstrap < 0:
         raise ConfigError("predict: need budget_factor > 0 and bootstrap >= 0")
 

@@ -33,14 +33,15 @@ def prepare_demo_data(s: SweepConfig, log: Callable[[str], None] = print) -> Pat
     shards = demo_shards_dir(s)
     work = shards.parent
     stamp = work / "demo_data.json"  # the settings the shards were built with; other settings rebuild them
-    settings = dataclasses.asdict(s.demo_data)
+    settings = json.loads(json.dumps(dataclasses.asdict(s.demo_data)))  # tuples as the JSON lists read back
     if (shards / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
         return shards
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_bytes=s.demo_data.max_bytes)
+    build_demo_corpus(str(corpus), max_bytes=s.demo_data.max_bytes, packages=s.demo_data.packages)
     model = train_tokenizer([str(corpus)], str(work / "tokenizer"), vocab_size=s.demo_data.vocab_size)
-    manifest = encode_to_shards([str(corpus)], str(shards), model, num_shards=4, eval_fraction=0.02)
+    manifest = encode_to_shards([str(corpus)], str(shards), model, num_shards=4,
+                                eval_fraction=s.demo_data.eval_fraction, split_by="group" if s.demo_data.eval_split == "module" else "id")
     stamp.write_text(json.dumps(settings) + "\n")
     log(f"demo data: {sum(x['tokens'] for x in manifest['shards']):,} tokens in {shards}")
     return shards
