@@ -105,10 +105,12 @@ def _stdlib_py_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def _package_py_files(package: str) -> list[tuple[str, str]]:
+def package_py_files(package: str) -> list[tuple[str, str]]:
     """(relative path under site-packages, absolute path) of an installed package's .py
     files, tests excluded, sorted; found without importing it. Raises ValueError when the
     package is not installed or is a single module."""
+    if package in getattr(sys, "stdlib_module_names", ()):
+        raise ValueError(f"demo corpus: package {package!r} is part of the standard library, already in the corpus")
     spec = importlib.util.find_spec(package) if package.isidentifier() else None
     roots = list(spec.submodule_search_locations or []) if spec else []
     if not roots:
@@ -243,7 +245,7 @@ def build_demo_corpus(out_path: str, max_docs: int | None = None,
 
     files = [(rel, os.path.join(root, rel)) for rel in py_files]
     for package in packages:
-        files += _package_py_files(package)
+        files += package_py_files(package)
     code_items = []
     for rel, path in files:
         try:

@@ -78,7 +78,7 @@ def test_shape_rule_hits_the_target_count():
     ({"overrides": ["data.seq_len=4096"]}, "exceeds model.max_seq_len"),
     ({"demo_data": {"enabled": True, "eval_split": "file"}}, "demo_data.eval_split='file' is not one of document"),
     ({"demo_data": {"enabled": True, "packages": ["no_such_pkg_x"]}},
-     "demo_data.packages: 'no_such_pkg_x' is not an installed package"),
+     "demo_data.packages: demo corpus: package 'no_such_pkg_x' is not installed"),
     ({"demo_data": {"enabled": True, "eval_fraction": 0}}, r"demo_data.eval_fraction=0.0 must be in \(0, 1\)"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):

@@ -301,7 +301,7 @@ def test_demo_corpus_groups_and_packages(tmp_path):
     assert demo_corpus.module_group("json/decoder.py") == "json.decoder"
     assert demo_corpus.module_group("json/__init__.py") == "json"
     assert demo_corpus.module_group("argparse.py") == "argparse"
-    files = demo_corpus._package_py_files("optax")  # a pinned dependency, found without importing it
+    files = demo_corpus.package_py_files("optax")  # a pinned dependency, found without importing it
     assert files and all(rel.startswith("optax/") and rel.endswith(".py") and os.path.isfile(path)
                          for rel, path in files)
     assert not any("/tests/" in rel or "/test/" in rel for rel, _ in files)  # test directories are skipped
@@ -311,5 +311,7 @@ def test_demo_corpus_groups_and_packages(tmp_path):
     optax_docs = [d for d in docs if d.get("path", "").startswith("optax/")]
     assert optax_docs and all(d["group"].startswith("optax.") or d["group"] == "optax" for d in optax_docs)
     assert stats["bytes"] <= 600_000
+    with pytest.raises(ValueError, match="package 'json' is part of the standard library"):
+        demo_corpus.build_demo_corpus(out, max_bytes=1000, packages=["json"])
     with pytest.raises(ValueError, match="package 'no_such_pkg_x' is not installed"):
         demo_corpus.build_demo_corpus(out, max_bytes=1000, packages=["no_such_pkg_x"])

@@ -207,10 +207,12 @@ def check_sweep(s: SweepConfig) -> None:
     if not 0 < s.demo_data.eval_fraction < 1:
         raise ConfigError(f"demo_data.eval_fraction={s.demo_data.eval_fraction} must be in (0, 1)")
     if s.demo_data.enabled:
-        import importlib.util
+        from data_pipeline.demo_corpus import package_py_files
         for package in s.demo_data.packages:
-            if not package.isidentifier() or importlib.util.find_spec(package) is None:
-                raise ConfigError(f"demo_data.packages: {package!r} is not an installed package")
+            try:
+                package_py_files(package)
+            except ValueError as e:
+                raise ConfigError(f"demo_data.packages: {e}") from None
     if s.predict.budget_factor <= 0 or s.predict.bootstrap < 0:
         raise ConfigError("predict: need budget_factor > 0 and bootstrap >= 0")
 
