@@ -94,8 +94,9 @@ def stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def _stdlib_py_files(root: str) -> list[str]:
-    """Relative paths of the standard library's .py files, tests and tooling excluded, sorted."""
+def _py_files(root: str) -> list[str]:
+    """Relative paths of the .py files under root (the standard library or an installed package),
+    tests and tooling excluded, sorted."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-3"))
@@ -117,7 +118,7 @@ def package_py_files(package: str) -> list[tuple[str, str]]:
         raise ValueError(f"demo corpus: package {package!r} is not installed as a package (no directory to read)")
     out = []
     for root in roots:
-        for rel in _stdlib_py_files(root):
+        for rel in _py_files(root):
             out.append((f"{package}/{rel}", os.path.join(root, rel)))
     return sorted(out)
 
@@ -229,7 +230,7 @@ def build_demo_corpus(out_path: str, max_docs: int | None = None,
     """
     t0 = time.perf_counter()
     root = stdlib_dir()
-    py_files = _stdlib_py_files(root)
+    py_files = _py_files(root)
     max_item = max(1, max_bytes // 16)
 
     docs_budget = int(max_bytes * DOCS_SHARE)

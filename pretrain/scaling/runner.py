@@ -40,8 +40,9 @@ def prepare_demo_data(s: SweepConfig, log: Callable[[str], None] = print) -> Pat
     corpus = work / "corpus.jsonl"
     build_demo_corpus(str(corpus), max_bytes=s.demo_data.max_bytes, packages=s.demo_data.packages)
     model = train_tokenizer([str(corpus)], str(work / "tokenizer"), vocab_size=s.demo_data.vocab_size)
+    split_by = "group" if s.demo_data.eval_split == "module" else "id"  # the corpus's `group` is the module
     manifest = encode_to_shards([str(corpus)], str(shards), model, num_shards=4,
-                                eval_fraction=s.demo_data.eval_fraction, split_by="group" if s.demo_data.eval_split == "module" else "id")
+                                eval_fraction=s.demo_data.eval_fraction, split_by=split_by)
     stamp.write_text(json.dumps(settings) + "\n")
     log(f"demo data: {sum(x['tokens'] for x in manifest['shards']):,} tokens in {shards}")
     return shards
