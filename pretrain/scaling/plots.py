@@ -31,56 +31,79 @@ def _samples(block: dict) -> np.ndarray | None:
     return np.array(s, dtype=float) if s else None
 
 
+MARKERS = {"kept": ("o", None), "off_center": ("o", "none"), "outlier": ("X", None), "too_few_points": ("s", "none")}
+
+
 def plot_isoflops(runs: Runs, fit: dict, out: str | Path) -> Path:
-    """Loss against N per IsoFLOP budget, with Approach 2's parabola and its minimum."""
+    """Loss against N per IsoFLOP budget: each run marked by its QC flag (filled: kept; hollow:
+    off_center; X: outlier; square: too_few_points), the frontier's IsoFLOP parabola per budget
+    and its minimum (x), and the per-budget parabola minima the GPT-4 form is fitted to (+)."""
+    from pretrain.scaling.frontier import as_array, frontier_at
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     groups = budget_groups(runs)
     colors = plt.cm.viridis(np.linspace(0, 0.9, groups.max() + 1))
-    budgets = {round(np.log10(b["C"]), 3): b for b in fit["approach2"]["budgets"]}
+    flags = np.array([r["flag"] for r in fit.get("qc", {}).get("runs", [])] or ["kept"] * len(runs.N))
+    fr = fit.get("frontier", {})
     for g in np.unique(groups):
         m = groups == g
         C = float(np.exp(np.mean(np.log(runs.C[m]))))
-        ax.scatter(runs.N[m], runs.L[m], color=colors[g], s=18, label=f"C = {C:.2g}")
-        b = budgets.get(round(np.log10(C), 3))
-        if b and "parabola" in b:
-            x = np.linspace(np.log(runs.N[m]).min() - 0.2, np.log(runs.N[m]).max() + 0.2, 100)
-            p0, p1, p2 = b["parabola"]
-            ax.plot(np.exp(x), p0 + p1 * x + p2 * x * x, color=colors[g], lw=1)
-            if "N_opt" in b:
-                ax.plot(b["N_opt"], b["L_opt"], "x", color=colors[g], ms=8)
+        for flag, (marker, face) in MARKERS.items():
+            sel = m & (flags == flag)
+            if sel.any():
+                ax.scatter(runs.N[sel], runs.L[sel], marker=marker, s=22, color=colors[g],
+                           facecolors=face if face else colors[g], label=f"C = {C:.2g}" if flag == "kept" else None)
+        if "params" in fr and (m & (flags == "kept")).any():
+            n = np.exp(np.linspace(np.log(runs.N[m]).min() - 0.2, np.log(runs.N[m]).max() + 0.2, 100))
+            ln, n_opt = frontier_at(as_array(fr["params"]), C, n)
+            top = runs.L[m & (flags == "kept")].max() * 1.03
+            ax.plot(n[ln <= top], ln[ln <= top], color=colors[g], lw=1)
+            lo, _ = frontier_at(as_array(fr["params"]), C)
+            ax.plot(n_opt, lo, "x", color=colors[g], ms=8)
+    for mnm in fit.get("gpt4", {}).get("minima", []):
+        ax.plot(mnm["N_opt"], mnm["L_opt"], "+", color="C3", ms=8)
+    for flag, (marker, face) in MARKERS.items():  # legend entries for the flags
+        if (flags == flag).any():
+            ax.scatter([], [], marker=marker, color="0.3", facecolors=face if face else "0.3", label=flag)
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final loss")
-    ax.set_title("IsoFLOP curves (approach 2: parabola in log N per budget)")
+    ax.set_title("IsoFLOP curves: QC flags, frontier parabolas and minima (x), per-budget minima (+)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     return _save(plt, fig, out)
 
 
 def plot_loss_vs_compute(runs: Runs, fit: dict, out: str | Path, extend: float = 30.0) -> Path:
-    """Runs' loss against C; Approach 3's compute-optimal loss and the GPT-4 form with bootstrap
-    bands, drawn out to `extend` × the largest C (the prediction range)."""
+    """Runs' loss against C; the frontier's L*(C) (the default estimator), the GPT-4 form and
+    Approach 3's compute-optimal loss with bootstrap bands, drawn out to `extend` × the largest C."""
+    from pretrain.scaling.frontier import as_array, frontier_at
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter(runs.C, runs.L, s=14, color="0.5", label="runs")
+    ax.scatter(runs.C, runs.L, s=14, color="0.6", label="runs")
     C = np.logspace(np.log10(runs.C.min()) - 0.2, np.log10(runs.C.max() * extend), 120)
+    fr = fit.get("frontier", {})
+    if "params" in fr:
+        ax.plot(C, frontier_at(as_array(fr["params"]), C)[0], color="C2", lw=2, label="frontier L*(C) (default)")
+        S = _samples(fr)
+        if S is not None:
+            with np.errstate(all="ignore"):
+                ls = frontier_at(S[:, None, :6], C[None, :])[0] * np.exp(fr["sigma"] * S[:, 6:7])
+            lo, hi = np.nanquantile(ls, [0.025, 0.975], axis=0)
+            ax.fill_between(C, lo, hi, color="C2", alpha=0.2, label="frontier, 95% predictive band")
     a3 = fit["approach3"]
-    ax.plot(C, optimal3(a3["params"], C)[2], color="C0", label="approach 3: L(N_opt(C), D_opt(C))")
+    ax.plot(C, optimal3(a3["params"], C)[2], color="C0", lw=1, label="approach 3: L(N_opt(C), D_opt(C))")
     s3 = _samples(a3)
     if s3 is not None:
         with np.errstate(all="ignore"):
             ls = optimal3(s3[:, None, :], C[None, :])[2]
         lo, hi = np.nanquantile(ls, [0.025, 0.975], axis=0)
-        ax.fill_between(C, lo, hi, color="C0", alpha=0.2, label="approach 3, 95% bootstrap band")
+        ax.fill_between(C, lo, hi, color="C0", alpha=0.1)
     g4 = fit.get("gpt4", {})
     if "params" in g4:
-        ax.plot(C, loss_gpt4(g4["params"], C), color="C1", ls="--", label="GPT-4 form a·C^b + c")
-        s4 = _samples(g4)
-        if s4 is not None:
-            with np.errstate(all="ignore"):
-                lo, hi = np.nanquantile(loss_gpt4(s4[:, None, :], C[None, :]), [0.025, 0.975], axis=0)
-            ax.fill_between(C, lo, hi, color="C1", alpha=0.15)
+        ax.plot(C, loss_gpt4(g4["params"], C), color="C1", ls="--", label="GPT-4 form a·C^b + c on minima")
     for p in fit.get("predictions", []):
         if "C" in p and "loss" in p:
             ax.errorbar([p["C"]], [p["loss"]], yerr=None if "loss_ci" not in p else
@@ -89,6 +112,38 @@ def plot_loss_vs_compute(runs: Runs, fit: dict, out: str | Path, extend: float =
     ax.set_xscale("log")
     ax.set_xlabel(f"compute C (FLOPs; {fit['data'].get('compute', '')})")
     ax.set_ylabel("final loss")
+    ax.set_ylim(min(runs.L.min() * 0.85, ax.get_ylim()[0]), np.quantile(runs.L, 0.98) * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out)
+
+
+def plot_backtest(bt: dict, out: str | Path) -> Path:
+    """Relative error of each estimator's predicted best loss against the extrapolation factor
+    (target budget / largest fitted budget), with its interval; hollow markers: not covered."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for j, (name, color) in enumerate((("frontier", "C2"), ("gpt4", "C1"), ("approach3", "C0"))):
+        rows = [r for r in bt["rows"] if name in r]
+        if not rows:
+            continue
+        f = np.array([r["factor"] for r in rows]) * (1 + 0.03 * (j - 1))  # side by side
+        e = np.array([r[name]["rel_error"] for r in rows]) * 100
+        lo = np.array([(r[name]["interval"] or [np.nan])[0] / r["measured_best"] - 1 for r in rows]) * 100
+        hi = np.array([(r[name]["interval"] or [np.nan, np.nan])[1] / r["measured_best"] - 1 for r in rows]) * 100
+        cov = np.array([r[name]["covered"] for r in rows])
+        yerr = [np.maximum(np.nan_to_num(e - lo), 0), np.maximum(np.nan_to_num(hi - e), 0)]
+        ax.errorbar(f, e, yerr=yerr, fmt="none", color=color, alpha=0.35)
+        ax.scatter(f[cov], e[cov], color=color, s=20, label=name)
+        ax.scatter(f[~cov], e[~cov], color=color, s=20, facecolors="none")
+    ax.axhline(0, color="k", lw=0.8)
+    for y in (-1, 1):
+        ax.axhline(y, color="k", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlim(0.9, max(110, max((r["factor"] for r in bt["rows"]), default=1) * 1.2))
+    ax.set_xlabel("extrapolation factor (budget / largest fitted budget)")
+    ax.set_ylabel("predicted best loss vs measured (%)")
+    ax.set_title("backtest: error of the predicted best loss (hollow: outside the interval)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(plt, fig, out)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from pretrain.scaling.fit import FitError, predict_at, predict_at_compute
+from pretrain.scaling.fit import FitError, predict_compute, predict_point
 
 
 def load_fit(path: str | Path) -> dict:
@@ -30,23 +28,14 @@ def load_fit(path: str | Path) -> dict:
     return fit
 
 
-def _samples(block: dict) -> np.ndarray | None:
-    s = block.get("samples")
-    return np.array(s, dtype=float) if s else None  # None entries (non-finite) become NaN
-
-
 def predict(fit: dict, *, params: float | None = None, tokens: float | None = None, flops: float | None = None,
             level: float | None = None) -> dict:
-    """Loss at (params, tokens), or the compute-optimal point at `flops` (C = 6·N·D), with intervals."""
-    level = level or fit["approach3"].get("bootstrap", {}).get("level", 0.95)
-    p3, s3 = fit["approach3"]["params"], _samples(fit["approach3"])
+    """Loss at (params, tokens), or the compute-optimal point at `flops` (in the fit's compute
+    convention, C = 6·N·D by default), with intervals; `estimator` says which fit answered."""
     if flops is not None:
         if params is not None or tokens is not None:
             raise FitError("give either --flops, or --params and --tokens")
-        g4 = dict(fit.get("gpt4", {}))
-        if "samples" in g4:
-            g4["samples"] = _samples(g4)
-        return predict_at_compute(p3, s3, g4, float(flops), level)
+        return predict_compute(fit, float(flops), level)
     if params is None or tokens is None:
         raise FitError("give --params and --tokens (loss at a model size and token count), or --flops (a budget)")
-    return predict_at(p3, s3, float(params), float(tokens), level)
+    return predict_point(fit, float(params), float(tokens), level)

@@ -181,7 +181,7 @@ def predict_and_run(s: SweepConfig, *, log: Callable[[str], None] = print, verbo
     bootstrap), pick the compute-optimal model for budget_factor × the largest sweep budget, write
     the predicted loss to `<output>/prediction.json` BEFORE training it, then train it (run dir
     `<output>/predicted`) and add the measured loss and the relative error to the same file."""
-    from pretrain.scaling.fit import fit_all, predict_at, read_runs
+    from pretrain.scaling.fit import fit_all, predict_point, read_runs
     from pretrain.scaling.plan import plan_big_run
     from pretrain.scaling.plots import plot_all
 
@@ -200,13 +200,12 @@ def predict_and_run(s: SweepConfig, *, log: Callable[[str], None] = print, verbo
     if not at_c.get("N_opt") or not np.isfinite(at_c["N_opt"]):
         raise RuntimeError(f"the fit gives no compute-optimal N at C={budget:.3g} ({fit_dir / 'fit.json'})")
     p = plan_big_run(s, at_c["N_opt"], budget, params_kind="total")
-    samples = np.array(fit["approach3"]["samples"], dtype=float) if "samples" in fit["approach3"] else None
-    pred = predict_at(fit["approach3"]["params"], samples, p.params, p.tokens)
+    pred = predict_point(fit, p.params, p.tokens)
     record = {"written_before_training": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget": budget,
               "budget_factor": s.predict.budget_factor, "fit": str(fit_dir / "fit.json"),
               "compute_optimal_at_budget": at_c, "point": dataclasses.asdict(p),
               "predicted_loss": pred["loss"], "predicted_loss_ci": pred.get("loss_ci"),
-              "fitted_params": fit["approach3"]["params"]}
+              "estimator": pred["estimator"], "fitted_params": fit[pred["estimator"]]["params"]}
     (out / "prediction.json").write_text(json.dumps(record, indent=1) + "\n")
     ci = pred.get("loss_ci")
     log(f"prediction for C={budget:.3g} (×{s.predict.budget_factor:g} the largest sweep budget): "
