@@ -208,8 +208,8 @@ def planted(seed=0, budgets=np.logspace(18, 20, 5), sigma=0.005, outliers=2, siz
 
 def test_qc_flags_off_center_runs_outliers_and_thin_budgets():
     runs, far, out = planted(seed=2)
-    # a sixth budget with two sizes only
-    extra = F.optimal3(TRUTH, 3e20)[0] * np.array([0.8, 1.25])
+    # a sixth budget of one size (two runs of it)
+    extra = F.optimal3(TRUTH, 3e20)[0] * np.array([1.0, 1.0])
     runs = F.Runs(np.r_[runs.N, extra], np.r_[runs.D, 3e20 / (6 * extra)], np.r_[runs.L, F.loss3(TRUTH, extra, 3e20 / (6 * extra))],
                   np.r_[runs.C, [3e20, 3e20]], np.r_[runs.group, [3e20, 3e20]], runs.names + ["x1", "x2"], runs.source)
     fit = F.fit_all(runs, bootstrap=0)

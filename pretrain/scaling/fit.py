@@ -304,7 +304,8 @@ def loss3(p: dict[str, float] | np.ndarray, N, D):
     if isinstance(p, dict):
         return p["E"] + p["A"] / np.power(N, p["alpha"]) + p["B"] / np.power(D, p["beta"])
     E, A, B, al, be = (p[..., k] for k in range(5))
-    return E + A / np.power(N, al) + B / np.power(D, be)
+    with np.errstate(over="ignore"):  # a degenerate bootstrap sample: inf, outside every interval
+        return E + A / np.power(N, al) + B / np.power(D, be)
 
 
 def optimal3(p: dict[str, float] | np.ndarray, C):
@@ -649,7 +650,7 @@ def fit_all(runs: Runs, bootstrap: int = 1000, level: float = 0.95, seed: int = 
 
     qc = {"rule": {"window": window, "min_points": frontier_mod.MIN_POINTS, "outlier_sigmas": frontier_mod.OUTLIER_SIGMAS,
                    "text": f"per budget, runs within a factor {window:g} in N of the budget's best run are kept (at least "
-                           f"the {frontier_mod.MIN_POINTS} nearest sizes); budgets with fewer sizes: too_few_points; kept "
+                           f"the {frontier_mod.MIN_POINTS} nearest sizes); budgets of one size: too_few_points; kept "
                            f"runs more than {frontier_mod.OUTLIER_SIGMAS:g} robust sd off the joint fit: outlier"},
           "counts": {f: int(np.sum(flags == f)) for f in frontier_mod.FLAGS},
           "runs": [{"name": runs.names[i], "N": float(runs.N[i]), "D": float(runs.D[i]), "C": float(runs.C[i]),

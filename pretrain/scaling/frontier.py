@@ -8,7 +8,7 @@ extrapolation multiplies. This module:
 1. **QC** (`select_runs`): per IsoFLOP budget, the runs within a factor `window` (default 3) in N
    of the budget's best run are `kept`; the rest are `off_center`. A budget with fewer than
    `min_points` (3) distinct model sizes in the window takes the 3 sizes nearest its best run; a
-   budget with fewer than 3 sizes at all is `too_few_points`. After the joint fit below, a kept run
+   budget of one size is `too_few_points`. After the joint fit below, a kept run
    whose log-loss residual is more than `outlier_sigmas` (4) robust standard deviations (1.4826 ·
    MAD) from the fit is an `outlier`, and the fit is redone without it.
 2. **The joint IsoFLOP fit** (`fit_frontier`), the default estimator of the best loss at a budget:
@@ -50,14 +50,15 @@ def window_flags(N: np.ndarray, L: np.ndarray, groups: np.ndarray, window: float
                  min_points: int = MIN_POINTS) -> np.ndarray:
     """Per run [n]: "kept" (within a factor `window` in N of its budget's best run, or among the
     `min_points` sizes nearest it when the window holds fewer), "off_center", or "too_few_points"
-    (its budget has fewer than `min_points` distinct sizes)."""
+    (its budget has a single model size: nothing places its parabola but the other budgets).
+    A budget of 2 sizes keeps both: the joint fit can use them, the per-budget minima cannot."""
     if window <= 1:
         raise ValueError(f"window={window}: a factor in N, must be > 1")
     flags = np.full(len(N), "off_center", dtype=object)
     x = np.log(N)
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
-        if len(np.unique(x[idx])) < min_points:
+        if len(np.unique(x[idx])) < 2:
             flags[idx] = "too_few_points"
             continue
         dist = np.abs(x[idx] - x[idx[np.argmin(L[idx])]])
@@ -231,7 +232,7 @@ def select_runs(N, L, groups, C_group, window: float = WINDOW, min_points: int =
     kept = flags == "kept"
     budgets = len(np.unique(groups[kept]))
     if budgets < 3:
-        return flags, None, (f"{budgets} budgets with at least {min_points} model sizes; the frontier needs 3 "
+        return flags, None, (f"{budgets} budgets with at least 2 model sizes; the frontier needs 3 "
                              f"(E, A and alpha of the saturating law)")
     r = fit_frontier(N[kept], L[kept], C_group[kept], robust=True)["residuals"]
     mad = 1.4826 * np.median(np.abs(r - np.median(r)))
