@@ -88,12 +88,12 @@ def heldout(data: Path) -> dict:
     fit = F.fit_all(runs, bootstrap=1000)
     with open(data / "predicted.csv", newline="") as f:
         big = next(csv.DictReader(f))
-    samples = np.array(fit["approach3"]["samples"], dtype=float)
-    pr = F.predict_at(fit["approach3"]["params"], samples, float(big["params"]), float(big["tokens"]))
+    pr = F.predict_point(fit, float(big["params"]), float(big["tokens"]))
     measured = float(big["loss"])
     recorded = json.loads((data / "prediction.json").read_text())
     out["big_run"] = {"C": 6 * float(big["params"]) * float(big["tokens"]), "params": int(big["params"]),
                       "tokens": int(big["tokens"]), "measured": measured, "predicted_refit": pr["loss"],
+                      "estimator_refit": pr["estimator"],
                       "predicted_refit_ci": pr["loss_ci"], "rel_error_refit": (pr["loss"] - measured) / measured,
                       "predicted_before_run": recorded["predicted_loss"],
                       "predicted_before_run_ci": recorded["predicted_loss_ci"],

@@ -526,9 +526,9 @@ def approach2(runs: Runs) -> dict:
 
 DEFAULT_WHY = ("the joint IsoFLOP fit of the near-optimal runs: on backtests of real sweeps (Marin's three "
                "mixtures, 10x past the largest fitted budget) it missed the best loss by 0.2-0.5% with the "
-               "measured value inside its 95% interval, where Approach 3 missed by 2-4% (its L(N, D) form is "
-               "pulled by runs far from the optimum) and the GPT-4 form on per-budget minima carries the noise "
-               "of each budget's 3-6-point parabola into the extrapolation (intervals of +-7%)")
+               "measured value inside its 95% interval, where Approach 3 missed by 4-5% (its L(N, D) form does "
+               "not hold across these IsoFLOP curves) and the GPT-4 form on per-budget minima, as accurate there, "
+               "carries the noise of each budget's 3-6-point parabola into intervals 2-3x wider")
 
 
 def _interval(x: np.ndarray, level: float) -> list[float]:
