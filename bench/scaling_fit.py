@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from pretrain.scaling import fit as F  # noqa: E402
-from pretrain.scaling.curve import CurveError, fit_curve  # noqa: E402
+from pretrain.scaling.curve import CurveError, fit_curve, load_curve  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 SWEEPS = ("cpu_bench", "cpu_demo")  # recorded sweeps, bench/data/scaling_<name>/; the first one is the benchmark's
@@ -104,30 +104,37 @@ def heldout(data: Path) -> dict:
 def curves(data: Path, fraction: float = 0.25) -> dict:
     """Per run, the final loss predicted from the first `fraction` of its steps, for each target the
     runs allow: "eval" (the eval-loss rows; needs an eval every few % of the run, as cpu_bench has)
-    and "train" (loss_mean, or the single-step loss of runs logged before loss_mean existed)."""
+    and "train" (loss_mean, or the single-step loss of runs logged before loss_mean existed). The
+    answer is `danlu fit-curve --reference` with the OTHER sweep runs as references (leave-one-out)."""
     dirs = sorted(p for p in (data / "runs").iterdir() if p.is_dir())
     sweep = [d for d in dirs if d.name != "predicted"]
     out = {"fraction": fraction}
     for target in ("eval", "train"):
         try:
-            kappa = {d.name: fit_curve(d, bootstrap=0, target=target)["forms"]["schedule"]["kappa"] for d in sweep}
+            loaded = {d.name: load_curve(d, target) for d in dirs}
             rows = []
             for d in dirs:
-                ref = float(np.median([k for n, k in kappa.items() if n != d.name]))
-                r = fit_curve(d, fraction=fraction, bootstrap=100, anneal_ratio=ref, target=target)
-                iv = r["forms"]["schedule"]["interval"]
-                rows.append({"run": d.name, "steps": r["total_steps"], "column": r["loss_column"],
-                             "measured_final_loss": r["measured_final_loss"],
-                             **{f"{f}_predicted": r["forms"][f]["predicted_final_loss"] for f in r["forms"]},
-                             **{f"{f}_rel_error": r["forms"][f]["rel_error"] for f in r["forms"]},
-                             "schedule_interval": iv, "schedule_inside_interval": bool(iv[0] <= r["measured_final_loss"] <= iv[1])})
+                refs = [loaded[r.name] for r in sweep if r.name != d.name]
+                r = fit_curve(loaded[d.name], fraction=fraction, bootstrap=100, references=refs, target=target)
+                row = {"run": d.name, "steps": r["total_steps"], "column": r["loss_column"],
+                       "measured_final_loss": r["measured_final_loss"], "answer": r["answer"]}
+                for f, e in r["forms"].items():
+                    row[f"{f}_predicted"] = e.get("predicted_final_loss")
+                    row[f"{f}_rel_error"] = e.get("rel_error")
+                    row[f"{f}_covered"] = e.get("covered")
+                rows.append(row)
         except CurveError as e:  # e.g. the demo sweep evaluates 5 times per run: too few eval rows in 25%
             out[target] = {"skipped": str(e)}
             continue
-        out[target] = {"runs": rows, **{f"{f}_mean_abs_rel_error": float(np.mean([abs(x[f"{f}_rel_error"]) for x in rows]))
-                                        for f in ("schedule", "power")},
-                       "schedule_max_abs_rel_error": float(max(abs(x["schedule_rel_error"]) for x in rows)),
-                       "schedule_inside_interval": sum(x["schedule_inside_interval"] for x in rows)}
+        summ = {}
+        for f in ("pooled", "schedule", "power"):
+            errs = [abs(x[f"{f}_rel_error"]) for x in rows if x.get(f"{f}_rel_error") is not None]
+            if errs:
+                summ[f"{f}_median_abs_rel_error"] = float(np.median(errs))
+                summ[f"{f}_max_abs_rel_error"] = float(np.max(errs))
+                summ[f"{f}_answered"] = len(errs)
+                summ[f"{f}_covered"] = sum(bool(x.get(f"{f}_covered")) for x in rows)
+        out[target] = {"runs": rows, **summ}
     return out
 
 
@@ -199,9 +206,12 @@ def main() -> None:
         data = DATA / f"scaling_{name}"
         h, c = heldout(data), curves(data)
         out[name] = {"heldout": h, "curves": c}
-        curve = "; ".join(f"{t} loss from the first 25% of each run: schedule form mean |rel error| "
-                          f"{c[t]['schedule_mean_abs_rel_error']:.2%} (max {c[t]['schedule_max_abs_rel_error']:.2%}), "
-                          f"power law {c[t]['power_mean_abs_rel_error']:.2%}" for t in ("eval", "train") if "runs" in c[t])
+        curve = "; ".join(f"{t} loss from the first 25% of each run: pooled form median |rel error| "
+                          f"{c[t].get('pooled_median_abs_rel_error', float('nan')):.2%} "
+                          f"(max {c[t].get('pooled_max_abs_rel_error', float('nan')):.2%}, "
+                          f"{c[t].get('pooled_covered', 0)}/{c[t].get('pooled_answered', 0)} inside the interval), "
+                          f"power law {c[t].get('power_median_abs_rel_error', float('nan')):.2%}"
+                          for t in ("eval", "train") if "runs" in c[t])
         nxt = (f"; the next budget (C={h['next_holdout_C']:.3g}) from the ones below it: "
                f"{h['next_holdout_mean_abs_rel_error']:.2%} (max {h['next_holdout_max_abs_rel_error']:.2%})"
                if "next_holdout_C" in h else "")
@@ -221,12 +231,12 @@ def main() -> None:
     summary = {"heldout_mean_abs_rel_error": bench["heldout"]["holdout_mean_abs_rel_error"],
                "heldout_max_abs_rel_error": bench["heldout"]["holdout_max_abs_rel_error"],
                "next_heldout_mean_abs_rel_error": bench["heldout"].get("next_holdout_mean_abs_rel_error"),
-               "curve25_eval_schedule_mean_abs_rel_error": bench["curves"]["eval"]["schedule_mean_abs_rel_error"],
-               "curve25_eval_power_mean_abs_rel_error": bench["curves"]["eval"]["power_mean_abs_rel_error"],
-               "curve25_train_schedule_mean_abs_rel_error": bench["curves"]["train"]["schedule_mean_abs_rel_error"],
+               "curve25_eval_pooled_median_abs_rel_error": bench["curves"]["eval"].get("pooled_median_abs_rel_error"),
+               "curve25_eval_power_median_abs_rel_error": bench["curves"]["eval"].get("power_median_abs_rel_error"),
+               "curve25_train_pooled_median_abs_rel_error": bench["curves"]["train"].get("pooled_median_abs_rel_error"),
                "big_run_rel_error_before_run": bench["heldout"].get("big_run", {}).get("rel_error_before_run"),
                "demo_heldout_mean_abs_rel_error": demo["heldout"]["holdout_mean_abs_rel_error"],
-               "demo_curve25_train_schedule_mean_abs_rel_error": demo["curves"]["train"]["schedule_mean_abs_rel_error"],
+               "demo_curve25_train_pooled_median_abs_rel_error": demo["curves"]["train"].get("pooled_median_abs_rel_error"),
                "demo_big_run_rel_error_before_run": demo["heldout"]["big_run"]["rel_error_before_run"],
                "fit250_bootstrap1000_seconds": s["danlu_seconds"], "fit250_bootstrap1000_cpu_seconds": s["danlu_cpu_seconds"],
                "peer_plain_seconds_extrapolated": s["peer_seconds_extrapolated"],

@@ -1,40 +1,142 @@
-"""Loss-curve fits of one run (`danlu fit-curve RUN_DIR`): predict the final loss from a prefix.
+"""Loss-curve fits of one run (`danlu fit-curve RUN`): predict the final loss from a prefix.
 
-Two forms, fitted to the train loss logged in metrics.jsonl against step s (the `loss_mean`
-column, the mean loss of the steps since the previous logged row, compared with the form's mean
-over the same steps; runs logged without it fall back to the single-step `loss` at the row's step):
-  - power law with an irreducible term: L(s) = E + A · s^(-α);
-  - schedule-aware (Tissue et al. 2024, "Scaling Law with Learning Rate Annealing"):
-    L(s) = L0 + A · S1(s)^(-α) − C · S2(s), with S1(s) = Σ_{k≤s} η_k the forward area (the area
-    under the learning-rate schedule) and S2(s) = Σ_{k≤s} m_k the annealing area, where
-    m_k = λ · m_{k−1} + (η_{k−1} − η_k) carries the lr decreases with momentum λ (0.999 as in the
-    paper). The warmup's increases are not annealing: S2 counts from the peak on.
-The per-step schedule η_k is the run's own: rebuilt from its config.yaml (pretrain.optimizer,
-the resolved config `danlu train` writes), so a run still going gets the rest of its schedule
-too, and checked against the `lr` column of metrics.jsonl. Without config.yaml the logged `lr`
-column is interpolated and only finished runs can be fitted.
+A curve is rows (step s, loss) plus the run's per-step learning rate η_k, k = 1..T. It comes from a
+`danlu train` run directory (metrics.jsonl; the schedule rebuilt from config.yaml and checked against
+the logged `lr`) or from a CSV/JSONL table of another trainer (a W&B export), with the schedule given
+as options (`Schedule`) or as an lr column.
 
-Prediction of the final loss from the first `fraction` of the steps: both forms are fitted
-(least squares) on the logged rows up to fraction·T (after the first 2% of the run,
-where neither form holds), evaluated at T; the interval comes from a moving-block bootstrap
-of the fit's residuals. "Measured" final loss = mean of the train loss logged over the last 2%
-of steps (at least 3 rows), when the run has finished; the eval-loss prediction adds the mean
-gap between eval and fitted train loss seen in the prefix.
+The schedule-aware form (Tissue et al. 2024, with the warmup offset of Luo et al. 2025):
+    L(s) = L0 + A · [ (S1(s) + s_w)^(-α) − c · S2(s) / 1000 ]
+with S1(s) = Σ_{k≤s} η_k / η_peak the forward area in peak-lr steps and S2 the annealing area (the lr
+decreases carried with momentum λ = 0.999, also in peak-lr units). Measuring the areas in peak-lr
+steps makes the shape (α, s_w, c) comparable between runs of different peak lr; the level L0 and the
+scale A are each run's own.
+
+Two ways to fit it:
+  - pooled (with reference runs, `--reference`: finished runs of the same family, e.g. the rest of a
+    sweep): the shape θ = (α, s_w, c) is the one under which the references' own prefixes (the same
+    fraction) best predict their measured final losses; the run's (L0, A) are then a linear least
+    squares on its prefix, so 2 checkpoints suffice. The interval is split-conformal: the references'
+    prediction errors, each made with θ fitted without that reference's fold (cross-conformal), give
+    the relative half-width that held `level` of the time on runs like this one.
+  - own (no references): all five parameters from the run's prefix, with a bootstrap interval that
+    only reflects the noise around the fitted form (marked uncalibrated: on real curves the form's
+    misfit dominates; see docs/curves.md).
+A power law in steps, L(s) = E + A·s^(-α), is fitted alongside as a baseline.
+
+No impossible value is reported as a prediction: a fit whose final loss is not finite or not
+positive, whose level L0 is negative, whose scale A is negative (loss rising with training), or that
+predicts a final loss above the last fitted loss while the lr only decays, is marked failed with the
+reason and carries no number.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import least_squares
+from scipy.signal import lfilter
 
 LAMBDA = 0.999
+SKIP = 0.02  # the first 2% of the steps (warmup, the unigram plateau) follow no form: left out
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 class CurveError(ValueError):
     pass
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule given as options (curves from other trainers). Same conventions as
+    `pretrain.optimizer.make_schedule`: linear warmup from 0 over `warmup_steps` (update k, 0-based,
+    uses peak·k/warmup), then cosine / linear decay to final_lr_ratio·peak at total_steps, a constant
+    peak, or WSD (hold, then a linear cooldown over the last cooldown_fraction of the steps)."""
+    kind: str = "cosine"
+    peak_lr: float = 1.0
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1
+    cooldown_fraction: float = 0.2
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise CurveError(f"schedule {self.kind!r} is not one of {', '.join(SCHEDULES)}")
+        if not self.peak_lr > 0 or self.warmup_steps < 0 or not 0 <= self.final_lr_ratio <= 1:
+            raise CurveError(f"schedule {self}: needs peak_lr > 0, warmup_steps >= 0, 0 <= final_lr_ratio <= 1")
+
+    def per_step(self, total_steps: int) -> np.ndarray:
+        """η_k for updates k = 0..T-1 [T] (float64)."""
+        T, W, peak = int(total_steps), int(self.warmup_steps), self.peak_lr
+        if T <= W:
+            raise CurveError(f"total steps {T} must exceed warmup steps {W}")
+        k = np.arange(T, dtype=float)
+        floor = peak * self.final_lr_ratio
+        t = np.clip((k - W) / max(T - W, 1), 0.0, 1.0)  # progress through the part after warmup
+        if self.kind == "cosine":
+            main = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * t))
+        elif self.kind == "linear":
+            main = floor + (peak - floor) * (1 - t)
+        elif self.kind == "constant":
+            main = np.full(T, peak)
+        else:
+            cool = max(1, int(round(T * self.cooldown_fraction)))
+            stable = max(T - W - cool, 0)
+            main = floor + (peak - floor) * (1 - np.clip((k - W - stable) / cool, 0.0, 1.0))
+        return np.where(k < W, peak * k / max(W, 1), main)
+
+
+def check_schedule(eta: np.ndarray, logged: list[tuple[int, float]], where: str) -> None:
+    """Refuses a schedule η [T] that disagrees with logged (step, lr) pairs (step s logs η_s, 1-based).
+    The tolerance is relative to the peak lr (1e-3 of it): near the end of a decay to zero a float32
+    lr cannot be matched relative to its own tiny value."""
+    tol = 1e-3 * float(np.max(eta)) + 1e-12
+    for s, lr in logged:
+        if 1 <= s <= len(eta) and abs(eta[s - 1] - lr) > tol:
+            raise CurveError(f"{where}: the schedule gives lr {eta[s - 1]:.6g} at step {s} but the log has {lr:.6g} "
+                             f"(peak {np.max(eta):.4g}); the schedule does not describe this run")
+
+
+def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
+    """S1 [T] (forward area Σ η) and S2 [T] (annealing area: Σ m_k, m_k = λ·m_{k-1} + (η_{k-1} − η_k),
+    counted from the peak on) after each step, in the units of eta."""
+    eta = np.asarray(eta, float)
+    peak = int(np.argmax(eta))
+    drops = np.zeros_like(eta)
+    drops[peak + 1:] = eta[peak:-1] - eta[peak + 1:]
+    return np.cumsum(eta), np.cumsum(lfilter([1.0], [1.0, -lam], drops))
+
+
+# ---------------------------------------------------------------- curves
+
+
+@dataclasses.dataclass
+class Curve:
+    """One run's loss rows and schedule. Row i averages the steps lo[i]..step[i] (1-based, inclusive;
+    lo == step for a point such as an eval). eta [T] is the lr of each update."""
+    name: str
+    step: np.ndarray  # [n] int
+    lo: np.ndarray  # [n] int
+    loss: np.ndarray  # [n]
+    eta: np.ndarray  # [T]
+    column: str
+    lr_source: str
+    measured: float | None = None  # the final loss, when the run has finished
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def T(self) -> int:
+        return len(self.eta)
+
+    @property
+    def finished(self) -> bool:
+        return int(self.step[-1]) >= self.T
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -57,8 +159,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def lr_per_step(run_dir: str | Path, rows: list[dict]) -> tuple[np.ndarray, int, str]:
-    """η_k for k = 1..T (the lr of the k-th update; metrics row `step` s logs η_s) [T], T, and where
-    it came from."""
+    """η_k for k = 1..T (metrics row `step` s logs η_s) [T], T, and where it came from."""
     cfg_path = Path(run_dir) / "config.yaml"
     if cfg_path.exists():
         from pretrain.config import load_config
@@ -66,13 +167,9 @@ def lr_per_step(run_dir: str | Path, rows: list[dict]) -> tuple[np.ndarray, int,
 
         cfg = load_config(cfg_path)
         T = cfg.train.steps
-        sched = make_schedule(cfg.optimizer, T)
-        eta = np.asarray([float(v) for v in np.asarray(sched(np.arange(T)))], dtype=float)
+        eta = np.asarray(make_schedule(cfg.optimizer, T)(np.arange(T)), dtype=float)
         logged = [(r["step"], r["lr"]) for r in rows if "lr" in r and 1 <= r["step"] <= T]
-        for s, lr in logged[:: max(1, len(logged) // 20)]:
-            if not math.isclose(eta[s - 1], lr, rel_tol=1e-3, abs_tol=1e-12):
-                raise CurveError(f"{cfg_path}: its schedule gives lr {eta[s - 1]:.6g} at step {s} but metrics.jsonl "
-                                 f"logged {lr:.6g}; the config does not describe this run")
+        check_schedule(eta, logged[:: max(1, len(logged) // 20)], str(cfg_path))
         return eta, T, "config.yaml"
     steps = np.array([r["step"] for r in rows if "lr" in r], float)
     lrs = np.array([r["lr"] for r in rows if "lr" in r], float)
@@ -82,190 +179,477 @@ def lr_per_step(run_dir: str | Path, rows: list[dict]) -> tuple[np.ndarray, int,
     return np.interp(np.arange(1, T + 1), steps, lrs), T, "metrics.jsonl lr column (interpolated)"
 
 
-def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
-    """S1 [T] (forward area) and S2 [T] (annealing area with momentum lam) after each step."""
-    S1 = np.cumsum(eta)
-    peak = int(np.argmax(eta))
-    m, S2 = 0.0, np.zeros_like(eta)
-    acc = 0.0
-    for k in range(len(eta)):
-        if k > peak:
-            m = lam * m + (eta[k - 1] - eta[k])
-            acc += m
-        S2[k] = acc
-    return S1, S2
+def load_run(run_dir: str | Path, target: str = "train") -> Curve:
+    """A `danlu train` run directory as a Curve: the train loss (`loss_mean` rows, the mean of the
+    steps since the previous row; older runs: the row's own `loss`) or the eval loss rows."""
+    if target not in ("train", "eval"):
+        raise CurveError(f"target={target!r} is not one of train, eval")
+    rows = read_metrics(run_dir)
+    eta, T, lr_source = lr_per_step(run_dir, rows)
+    key = "loss" if target == "train" else "eval_loss"
+    use = [r for r in rows if key in r and math.isfinite(r[key]) and 1 <= r["step"] <= T]
+    if not use:
+        raise CurveError(f"{run_dir}: metrics.jsonl has no {key} rows yet")
+    column = "loss_mean" if target == "train" and all(r.get("loss_mean") is not None for r in use) else key
+    step = np.array([r["step"] for r in use])
+    lo = np.concatenate([[1], step[:-1] + 1]) if column == "loss_mean" else step.copy()
+    loss = np.array([r[column] for r in use], float)
+    curve = Curve(str(run_dir), step, lo, loss, eta, column, lr_source)
+    if curve.finished and target == "eval":
+        curve.measured = float(loss[-1])
+    elif curve.finished:
+        # the train loss is noisy: the mean over the last 2% of the steps (at least 3 rows)
+        tail = step > T - max(1, int(0.02 * T))
+        if tail.sum() < 3:
+            tail[-3:] = True
+        w = step - lo + 1
+        curve.measured = float(np.sum(loss[tail] * w[tail]) / np.sum(w[tail]))
+        evals = [r for r in rows if "eval_loss" in r]
+        if evals and evals[-1]["step"] >= T:
+            curve.extra["measured_final_eval_loss"] = float(evals[-1]["eval_loss"])
+    if target == "train":
+        curve.extra["evals"] = [(int(r["step"]), float(r["eval_loss"])) for r in rows
+                                if "eval_loss" in r and 1 <= r["step"] <= T]
+    return curve
 
 
-def _rows_x(s_lo: np.ndarray, s_hi: np.ndarray, S1: np.ndarray, S2: np.ndarray) -> dict:
-    """What _fit needs for rows that average the steps s_lo..s_hi (1-based, inclusive): the steps
-    from the first s_lo to the last s_hi with their areas, and where each row's steps start."""
-    lo, hi = int(s_lo[0]), int(s_hi[-1])
-    steps = np.arange(lo, hi + 1)
-    return {"s": steps.astype(float), "S1": S1[steps - 1], "S2": S2[steps - 1], "start": (s_lo - lo).astype(int),
-            "len": (s_hi - s_lo + 1).astype(float), "S1T": S1[-1], "S2T": S2[-1]}
+def parse_columns(spec: str | None) -> dict:
+    """`step=_step,loss=eval/loss,lr=lr` -> {"step": "_step", ...}; unnamed roles keep their own name."""
+    cols = {"step": "step", "loss": "loss", "lr": "lr"}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        role, sep, name = part.partition("=")
+        if not sep or role.strip() not in cols or not name.strip():
+            raise CurveError(f"--columns {spec!r}: each part is ROLE=COLUMN with ROLE one of step, loss, lr")
+        cols[role.strip()] = name.strip()
+    return cols
+
+
+def _table_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Header and (line number, row) pairs of a CSV or JSONL file."""
+    if not path.exists():
+        raise CurveError(f"{path}: no such file")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except ValueError:
+                    raise CurveError(f"{path}: line {i} is not JSON") from None
+        header = sorted({k for _, r in rows for k in r})
+        return header, rows
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [(i + 2, r) for i, r in enumerate(reader)]  # line 1 is the header
+        return list(reader.fieldnames or []), rows
+
+
+def _number(path: Path, line: int, column: str, value) -> float | None:
+    """A cell as a float; empty (W&B leaves a metric blank at steps that did not log it) is None."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "NaN", "nan")):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise CurveError(f"{path}: line {line}, column {column!r}: {value!r} is not a number") from None
+    if not math.isfinite(v):
+        return None
+    return v
+
+
+def load_table(path: str | Path, columns: dict | None = None, schedule: Schedule | None = None,
+               total_steps: int | None = None) -> Curve:
+    """A CSV or JSONL of (step, loss[, lr]) rows as a Curve of points. The per-step lr comes from
+    `schedule` (checked against an lr column when there is one) or, without it, from the lr column
+    interpolated. total_steps defaults to the last step (a finished run). Rows with an empty loss
+    are skipped; anything else that is not a number, or steps that do not increase, is an error
+    naming the file, line and column."""
+    path = Path(path)
+    cols = columns or parse_columns(None)
+    header, rows = _table_rows(path)
+    for role in ("step", "loss"):
+        if cols[role] not in header:
+            raise CurveError(f"{path}: no column {cols[role]!r} for the {role} (columns: {', '.join(header)}); "
+                             f"map it with --columns {role}=NAME")
+    has_lr = cols["lr"] in header
+    step, loss, logged = [], [], []
+    for line, r in rows:
+        s = _number(path, line, cols["step"], r.get(cols["step"]))
+        v = _number(path, line, cols["loss"], r.get(cols["loss"]))
+        lr = _number(path, line, cols["lr"], r.get(cols["lr"])) if has_lr else None
+        if s is None or v is None:
+            continue
+        if s != int(s) or s < 1:
+            raise CurveError(f"{path}: line {line}, column {cols['step']!r}: step {s:g} is not a positive integer")
+        if step and s <= step[-1]:
+            raise CurveError(f"{path}: line {line}, column {cols['step']!r}: step {int(s)} does not increase "
+                             f"(previous {step[-1]}); drop repeated or restarted segments first")
+        if v <= 0:
+            raise CurveError(f"{path}: line {line}, column {cols['loss']!r}: loss {v:g} is not positive")
+        step.append(int(s))
+        loss.append(v)
+        if lr is not None:
+            logged.append((int(s), lr))
+    if not step:
+        raise CurveError(f"{path}: no rows with both {cols['step']!r} and {cols['loss']!r}")
+    T = int(total_steps or step[-1])
+    if step[-1] > T:
+        raise CurveError(f"{path}: step {step[-1]} is past --total-steps {T}")
+    if schedule is not None:
+        eta = schedule.per_step(T)
+        check_schedule(eta, logged, str(path))
+        source = f"{schedule.kind} schedule (options)"
+    elif len(logged) >= 2 and logged[-1][0] >= T:
+        eta = np.interp(np.arange(1, T + 1), [s for s, _ in logged], [v for _, v in logged])
+        source = f"column {cols['lr']!r} (interpolated)"
+    else:
+        raise CurveError(f"{path}: give the schedule (--schedule, --peak-lr, --warmup-steps, --total-steps) or an lr "
+                         f"column up to the last step")
+    step_a = np.array(step)
+    curve = Curve(str(path), step_a, step_a.copy(), np.array(loss), eta, cols["loss"], source)
+    if curve.finished:
+        curve.measured = float(loss[-1])
+    return curve
+
+
+def load_curve(source: str | Path, target: str = "train", columns: dict | None = None,
+               schedule: Schedule | None = None, total_steps: int | None = None) -> Curve:
+    """A run directory, or a .csv / .jsonl table."""
+    p = Path(source)
+    if p.is_dir():
+        return load_run(p, target)
+    if p.suffix in (".csv", ".jsonl", ".json"):
+        return load_table(p, columns, schedule, total_steps)
+    raise CurveError(f"{p}: neither a run directory nor a .csv / .jsonl file")
+
+
+# ---------------------------------------------------------------- the forms
+
+
+@dataclasses.dataclass
+class Prefix:
+    """The rows of a curve fitted for a prediction (steps in (SKIP·T, fraction·T]) and what the
+    forms need: the steps the rows cover with their areas in peak-lr units."""
+    curve: Curve
+    sel: np.ndarray  # [n] bool, rows of the curve used
+    x: dict
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.curve.loss[self.sel]
+
+    @property
+    def n(self) -> int:
+        return int(self.sel.sum())
+
+
+def make_prefix(curve: Curve, fraction: float | None, lam: float = LAMBDA) -> Prefix:
+    """The prefix of `curve` up to fraction·T (all rows when None), without the rows reaching into the first SKIP·T steps."""
+    T = curve.T
+    peak = float(np.max(curve.eta))
+    S1, S2 = areas(curve.eta / peak, lam)
+    cut = T * fraction if fraction else curve.step[-1]
+    skip = max(1, int(SKIP * T))
+    sel = (curve.lo > skip) & (curve.step <= cut)
+    lo, hi = curve.lo[sel], curve.step[sel]
+    if not sel.any():
+        return Prefix(curve, sel, {})
+    steps = np.arange(int(lo[0]), int(hi[-1]) + 1)
+    x = {"s": steps.astype(float), "S1": S1[steps - 1], "S2": S2[steps - 1], "start": (lo - lo[0]).astype(int),
+         "len": (hi - lo + 1).astype(float), "S1T": S1[-1], "S2T": S2[-1], "skip": skip, "cut": cut,
+         "decaying": bool(curve.eta[-1] < curve.eta[int(hi[-1]) - 1] * (1 - 1e-9))}
+    return Prefix(curve, sel, x)
 
 
 def _row_means(x: dict, per_step: np.ndarray) -> np.ndarray:
+    """Each row's mean of a per-step quantity (rows tile their steps, so reduceat sums exactly a row)."""
     if np.all(x["len"] == 1):
         return per_step[x["start"]]
-    # rows tile their steps (each starts after the previous one ends), so reduceat sums exactly each row's steps
     return np.add.reduceat(per_step, x["start"])[: len(x["start"])] / x["len"]
 
 
-def _fit(form: str, x: dict, y: np.ndarray, kappa: float | None = None) -> np.ndarray:
-    """Least-squares fit of one form to row means y; x from _rows_x, with the final S1T, S2T.
-    The schedule form is fitted as (L0, A, alpha, kappa) with C = kappa·A·S1T^-alpha / S2T, kappa in
-    [0, 1]: the annealing bonus at the end is that share of the reducible term still left there
-    (it cannot remove more). `kappa` given: held fixed. Returns (E, A, alpha) or (L0, A, alpha, C)."""
-    S2T = max(x["S2T"], 1e-30)
+def shape_term(theta, S1, S2) -> np.ndarray:
+    """(S1 + s_w)^(-α) − c·S2/1000 for the shape θ = (α, s_w, c); areas in peak-lr steps."""
+    al, sw, c = theta
+    return (np.asarray(S1) + sw) ** (-al) - c * 1e-3 * np.asarray(S2)
 
-    def sched(p):
-        L0, A, al = p[:3]
-        k = kappa if kappa is not None else p[3]
-        C = k * A * x["S1T"] ** (-al) / S2T if x["S2T"] > 0 else 0.0
-        return L0, A, al, C
 
+def level_scale(p: Prefix, theta) -> tuple[float, float]:
+    """The run's (L0, A) under shape θ: linear least squares of its prefix rows."""
+    f = _row_means(p.x, shape_term(theta, p.x["S1"], p.x["S2"]))
+    X = np.stack([np.ones_like(f), f], 1)  # [n, 2]
+    (L0, A), *_ = np.linalg.lstsq(X, p.y, rcond=None)
+    return float(L0), float(A)
+
+
+def predict_pooled(p: Prefix, theta) -> tuple[float, float, float]:
+    """(final loss at T, L0, A) of the run under the shared shape θ."""
+    L0, A = level_scale(p, theta)
+    return L0 + A * float(shape_term(theta, p.x["S1T"], p.x["S2T"])), L0, A
+
+
+def _power(params, s):
+    E, A, al = params
+    return E + A * np.asarray(s, float) ** (-al)
+
+
+def _own(params, S1, S2):
+    L0, A = params[:2]
+    return L0 + A * shape_term(params[2:], S1, S2)
+
+
+def fit_own(form: str, p: Prefix, y: np.ndarray | None = None) -> np.ndarray:
+    """Least squares of one form to the prefix rows (y: other values for the same rows, for the
+    bootstrap). power: (E, A, α) in steps; schedule: (L0, A, α, s_w, c) with the areas."""
+    y = p.y if y is None else y
+    x = p.x
     if form == "power":
-        def res(p):
-            E, A, al = p
-            return _row_means(x, E + A * x["s"] ** (-al)) - y
+        def res(q):
+            return _row_means(x, _power(q, x["s"])) - y
         starts = [[y.min() * 0.8, (y.max() - y.min()) * x["s"].min() ** a, a] for a in (0.3, 0.6, 1.0)]
         bounds = ([0, 0, 0.01], [np.inf, np.inf, 3])
     else:
-        def res(p):
-            L0, A, al, C = sched(p)
-            return _row_means(x, L0 + A * x["S1"] ** (-al) - C * x["S2"]) - y
-        starts = [[y.min() * 0.8, (y.max() - y.min()) * x["S1"].min() ** a, a] + ([] if kappa is not None else [k])
-                  for a in (0.3, 0.6, 1.0) for k in ((0.0,) if kappa is not None else (0.1, 0.5))]
-        bounds = ([0, 0, 0.01] + ([] if kappa is not None else [0.0]), [np.inf, np.inf, 3] + ([] if kappa is not None else [1.0]))
+        def res(q):
+            return _row_means(x, _own(q, x["S1"], x["S2"])) - y
+        starts = [[y.min() * 0.8, (y.max() - y.min()) * (x["S1"].min() + sw) ** a, a, sw, 0.5]
+                  for a in (0.3, 0.6, 1.2) for sw in (0.0, 100.0)]
+        bounds = ([0, 0, 0.01, 0, 0], [np.inf, np.inf, 3, 1e4, 100])
     best = None
-    for p0 in starts:
-        p0 = np.clip(p0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
-        r = least_squares(res, p0, bounds=bounds, x_scale="jac", max_nfev=2000)
+    for q0 in starts:
+        q0 = np.clip(q0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
+        r = least_squares(res, q0, bounds=bounds, x_scale="jac", max_nfev=2000)
         if best is None or r.cost < best.cost:
             best = r
-    return best.x if form == "power" else np.array(sched(best.x))
+    return best.x
 
 
-def kappa_of(p: np.ndarray, S1T: float, S2T: float) -> float:
-    """The annealing ratio C·S2T / (A·S1T^-alpha) of schedule-form params (L0, A, alpha, C)."""
-    return float(p[3] * S2T / (p[1] * S1T ** (-p[2]))) if p[1] > 0 and S2T > 0 else 0.0
-
-
-def reference_anneal_ratio(run_dirs: list[str | Path], target: str = "train") -> float:
-    """Median annealing ratio kappa of the schedule form fitted to whole finished runs."""
-    ks = []
-    for d in run_dirs:
-        r = fit_curve(d, fraction=None, bootstrap=0, target=target)
-        if not r["finished"]:
-            raise CurveError(f"--reference {d}: the run has not finished")
-        ks.append(r["forms"]["schedule"]["kappa"])
-    return float(np.median(ks))
-
-
-def _eval(form: str, p: np.ndarray, s, S1, S2):
+def _final_own(form: str, params, p: Prefix) -> float:
     if form == "power":
-        return p[0] + p[1] * np.asarray(s, float) ** (-p[2])
-    return p[0] + p[1] * np.asarray(S1) ** (-p[2]) - p[3] * np.asarray(S2)
+        return float(_power(params, p.curve.T))
+    return float(_own(params, p.x["S1T"], p.x["S2T"]))
 
 
-def fit_curve(run_dir: str | Path, fraction: float | None = None, bootstrap: int = 200, level: float = 0.9,
-              seed: int = 0, lam: float = LAMBDA, anneal_ratio: float | None = None, skip: float = 0.02,
-              target: str = "train") -> dict:
-    """Fits both forms to the run's train loss (`target="train"`) or eval loss (`"eval"`: the eval
-    rows, each a point at its step; on a fixed eval set they carry no batch-to-batch noise) up to
-    fraction·T (all logged rows when None) and predicts that loss at the last step T with
-    intervals; rows of the first `skip`·T steps are left out. `anneal_ratio`: kappa from reference runs
-    (`reference_anneal_ratio`), used when the fitted steps hold under half of the run's annealing
-    area (kappa is not identifiable from them). JSON-able dict."""
-    rows = read_metrics(run_dir)
-    eta, T, lr_source = lr_per_step(run_dir, rows)
-    S1, S2 = areas(eta, lam)
-    if target not in ("train", "eval"):
-        raise CurveError(f"target={target!r} is not one of train, eval")
-    key = "loss" if target == "train" else "eval_loss"
-    train = [r for r in rows if key in r and math.isfinite(r[key]) and 1 <= r["step"] <= T]
-    if not train:
-        raise CurveError(f"{run_dir}: metrics.jsonl has no {key} rows yet")
-    # loss_mean: the mean over the steps since the previous logged row (older runs: the step's own loss)
-    column = "loss_mean" if target == "train" and all(r.get("loss_mean") is not None for r in train) else key
-    prev = [0] + [r["step"] for r in train[:-1]]
-    lo_all = np.array([p + 1 for p in prev] if column == "loss_mean" else [r["step"] for r in train])
-    lval = np.array([r[column] for r in train], float)
-    last_step = train[-1]["step"]
-    finished = last_step >= T
-    cut = T * fraction if fraction else last_step
-    skip = max(1, int(skip * T))  # the first steps (warmup, the unigram plateau) follow neither form
-    sel = (lo_all > skip) & np.array([r["step"] <= cut for r in train])  # rows whose steps all lie in (skip, cut]
-    use = [r for r, u in zip(train, sel) if u]
-    if len(use) < 6:
-        raise CurveError(f"{run_dir}: {len(use)} logged {key} rows in steps ({skip}, {cut:.0f}]; need at least 6 "
-                         f"({'log' if target == 'train' else 'evaluate'} more often, or wait for more steps)")
-    s = np.array([r["step"] for r in use], float)
-    y = lval[sel]
-    x = _rows_x(lo_all[sel], s.astype(int), S1, S2)
-    seen = float(S2[int(s[-1]) - 1] / S2[-1]) if S2[-1] > 0 else 1.0  # share of the annealing area in the fitted steps
-    kappa = anneal_ratio if anneal_ratio is not None and seen < 0.5 else None
-    out = {"run_dir": str(run_dir), "total_steps": T, "last_logged_step": last_step, "finished": finished,
-           "fit_steps": [int(s[0]), int(s[-1])], "fraction": fraction, "rows_fitted": len(use),
-           "target": target, "loss_column": column, "lr_schedule": lr_source, "lambda": lam, "level": level,
-           "annealing_seen": seen, "forms": {}}
-    if finished and target == "eval":
-        out["measured_final_loss"] = float(lval[-1])
-    elif finished:
-        tail = np.array([r["step"] > T - max(1, int(0.02 * T)) for r in train])
-        if tail.sum() < 3:
-            tail[-3:] = True
-        weight = np.array([r["step"] for r in train]) - lo_all + 1  # steps each row averages
-        out["measured_final_loss"] = float(np.sum(lval[tail] * weight[tail]) / np.sum(weight[tail]))
-        evals = [r for r in rows if "eval_loss" in r]
-        if evals and evals[-1]["step"] >= T:
-            out["measured_final_eval_loss"] = float(evals[-1]["eval_loss"])
+def physical_failure(final: float, level: float, first: float, p: Prefix) -> str | None:
+    """Why a fitted prediction is impossible, or None. `level`: the asymptote (E or L0); `first`: the
+    fitted loss at the first fitted row."""
+    if not math.isfinite(final):
+        return "the predicted final loss is not finite"
+    if final <= 0:
+        return f"the predicted final loss {final:.4g} is not positive"
+    if level < 0:
+        return f"the fitted asymptote {level:.4g} is negative (no loss goes below zero)"
+    if first - final <= 1e-6 * abs(final):  # the fits bound A at 0: a flat line stands for a rising loss
+        return "the fitted loss does not fall with training"
+    last = float(p.y[-1])
+    if p.x["decaying"] and final > last:
+        return (f"the predicted final loss {final:.4f} is above the last fitted loss {last:.4f} although the lr "
+                f"only decays from there")
+    return None
+
+
+# ---------------------------------------------------------------- pooling over reference runs
+
+
+MIN_ROWS = 2  # the run's own parameters under a shared shape: L0 and A
+
+
+def fit_shape(prefixes: list[Prefix], theta0=None) -> np.ndarray:
+    """The shared shape θ = (α, s_w, c) under which each reference's prefix best predicts its own
+    measured final loss (least squares of the relative errors). prefixes: finished references with
+    at least MIN_ROWS rows in their prefixes."""
+    def res(theta):
+        return np.array([(predict_pooled(p, theta)[0] - p.curve.measured) / p.curve.measured for p in prefixes])
+
+    bounds = ([0.05, 0.0, 0.0], [3.0, 1e4, 100.0])
+    if theta0 is None:  # a coarse grid first: the relative errors are far from quadratic in (α, s_w)
+        grid = [(a, sw, c) for a in (0.3, 0.6, 1.0, 1.5, 2.2) for sw in (0.0, 30.0, 100.0, 300.0) for c in (0.0, 1.0)]
+        theta0 = min(grid, key=lambda t: float(np.sum(res(t) ** 2)))
+    t0 = np.clip(theta0, np.array(bounds[0]) + 1e-6, np.array(bounds[1]) - 1e-6)
+    best = least_squares(res, t0, bounds=bounds, x_scale=[0.3, 100.0, 1.0], max_nfev=200)
+    return best.x
+
+
+def cross_errors(prefixes: list[Prefix], theta: np.ndarray, folds: int = 5) -> np.ndarray:
+    """Relative errors of each reference's prediction with θ fitted on the other folds [n]
+    (cross-conformal: an error measured on a run the shape was not fitted to)."""
+    n = len(prefixes)
+    folds = min(folds, n)
+    errs = np.empty(n)
+    for f in range(folds):
+        held = np.arange(f, n, folds)
+        rest = [prefixes[i] for i in range(n) if i % folds != f]
+        th = fit_shape(rest, theta) if len(rest) >= 4 else theta
+        for i in held:
+            p = prefixes[i]
+            errs[i] = (predict_pooled(p, th)[0] - p.curve.measured) / p.curve.measured
+    return errs
+
+
+def conformal_halfwidth(errs: np.ndarray, level: float) -> float | None:
+    """The ⌈(n+1)·level⌉-th smallest |relative error| (split-conformal); None when n is too small
+    for that rank to exist."""
+    k = math.ceil((len(errs) + 1) * level)
+    if k > len(errs):
+        return None
+    return float(np.sort(np.abs(errs))[k - 1])
+
+
+@dataclasses.dataclass
+class Pool:
+    """What the references give a prediction: the shape, the cross-validated errors, who was used."""
+    theta: np.ndarray
+    errors: np.ndarray
+    used: list[str]
+    skipped: dict  # name -> why not used
+
+
+def make_pool(references: list[Curve], fraction: float, lam: float = LAMBDA) -> Pool:
+    """Fits the shared shape on the references' prefixes at `fraction` (each a finished run with at
+    least MIN_ROWS prefix rows) and measures its cross-validated errors."""
+    used, skipped = [], {}
+    for c in references:
+        p = make_prefix(c, fraction, lam)
+        if c.measured is None:
+            skipped[c.name] = "not finished"
+        elif p.n < MIN_ROWS:
+            skipped[c.name] = f"{p.n} rows in its first {fraction:.0%}"
+        else:
+            used.append(p)
+    if len(used) < 4:
+        raise CurveError(f"{len(used)} usable reference runs; the shared shape (3 parameters) needs at least 4 finished "
+                         f"runs with {MIN_ROWS}+ rows in their first {fraction:.0%}"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+    theta = fit_shape(used)
+    return Pool(theta, cross_errors(used, theta), [p.curve.name for p in used], skipped)
+
+
+# ---------------------------------------------------------------- the prediction
+
+
+def fit_curve(run: str | Path | Curve, fraction: float | None = None, bootstrap: int = 200, level: float = 0.9,
+              seed: int = 0, lam: float = LAMBDA, target: str = "train", references: list | None = None,
+              pool: Pool | None = None) -> dict:
+    """Fits the run's curve (a run directory, a table or a Curve) up to fraction·T (every row when
+    None) and predicts its loss at the last step T with intervals at `level`.
+
+    references: Curves (or paths) of finished runs of the same family; with them the `pooled` form
+    (shared shape, calibrated interval) is the answer. pool: a Pool already made from references
+    (the backtest reuses it). Returns a JSON-able dict; forms that fail carry `failed` and no number."""
+    curve = run if isinstance(run, Curve) else load_curve(run, target)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise CurveError(f"fraction {fraction} is not in (0, 1]")
+    p = make_prefix(curve, fraction, lam)
+    what = "evaluations" if curve.column == "eval_loss" else "rows"
+    out = {"run_dir": curve.name, "total_steps": curve.T, "last_logged_step": int(curve.step[-1]),
+           "finished": curve.finished, "fraction": fraction, "rows_fitted": p.n, "target": target,
+           "loss_column": curve.column, "lr_schedule": curve.lr_source, "lambda": lam, "level": level, "forms": {}}
+    if p.n < MIN_ROWS:
+        raise CurveError(f"{curve.name}: {p.n} {what} of the loss in steps ({max(1, int(SKIP * curve.T))}, "
+                         f"{(fraction or 1) * curve.T:.0f}]; a prediction needs at least {MIN_ROWS} (the run's own level "
+                         f"and scale; the shape from --reference runs), 6 without references "
+                         f"({'log' if what == 'rows' else 'evaluate'} more often, or fit a larger fraction)")
+    out["fit_steps"] = [int(curve.step[p.sel][0]), int(curve.step[p.sel][-1])]
+    if curve.measured is not None:
+        out["measured_final_loss"] = curve.measured
+    if "measured_final_eval_loss" in curve.extra:
+        out["measured_final_eval_loss"] = curve.extra["measured_final_eval_loss"]
     rng = np.random.default_rng(seed)
-    for form in ("power", "schedule"):
-        k = kappa if form == "schedule" else None
-        p = _fit(form, x, y, k)
-        fitted = _row_means(x, _eval(form, p, x["s"], x["S1"], x["S2"]))
-        resid = y - fitted
-        final = float(_eval(form, p, T, S1[-1], S2[-1]))
-        # moving-block bootstrap of the residuals (neighbouring steps' noise is correlated)
-        B = max(2, len(resid) // 10)
-        preds = []
-        for _ in range(bootstrap):
-            starts = rng.integers(0, len(resid) - B + 1, math.ceil(len(resid) / B))
-            e = np.concatenate([resid[i:i + B] for i in starts])[: len(resid)]
-            try:
-                pb = _fit(form, x, fitted + e, k)
-            except (ValueError, np.linalg.LinAlgError):
-                continue
-            preds.append(float(_eval(form, pb, T, S1[-1], S2[-1])))
-        q = (1 - level) / 2
-        names = ["E", "A", "alpha"] if form == "power" else ["L0", "A", "alpha", "C"]
-        entry = {"params": dict(zip(names, map(float, p))), "predicted_final_loss": final,
-                 "rmse": float(np.sqrt(np.mean(resid ** 2)))}
-        if form == "schedule":
-            entry["kappa"] = kappa_of(p, S1[-1], S2[-1])
-            if k is not None:
-                entry["note"] = f"kappa fixed at {k:.3g} from reference runs ({seen:.0%} of the annealing area seen)"
-            elif seen < 0.5:
-                entry["note"] = f"only {seen:.0%} of the annealing area seen: C is barely identified (see --reference)"
-        if preds:
-            entry["interval"] = [float(np.quantile(preds, q)), float(np.quantile(preds, 1 - q))]
-        evals = [r for r in rows if "eval_loss" in r and skip < r["step"] <= cut]
-        if evals and target == "train":
-            gap = np.mean([r["eval_loss"] - _eval(form, p, r["step"], S1[r["step"] - 1], S2[r["step"] - 1])
-                           for r in evals])
-            entry["predicted_final_eval_loss"] = final + float(gap)
-        if "measured_final_loss" in out:
-            entry["rel_error"] = (final - out["measured_final_loss"]) / out["measured_final_loss"]
-        if "measured_final_eval_loss" in out and "predicted_final_eval_loss" in entry:
-            entry["eval_rel_error"] = (entry["predicted_final_eval_loss"] - out["measured_final_eval_loss"]) \
-                / out["measured_final_eval_loss"]
-        out["forms"][form] = entry
-    out["curve"] = {"step": [int(r["step"]) for r in train], "loss": [float(v) for v in lval]}
+    if pool is None and references:
+        refs = [r if isinstance(r, Curve) else load_curve(r, target) for r in references]
+        pool = make_pool(refs, fraction or 1.0, lam)
+    if pool is not None:
+        out["forms"]["pooled"] = _pooled_entry(p, pool, level)
+    for form, nparams in (("power", 3), ("schedule", 5)):
+        if p.n < nparams + 1:
+            out["forms"][form] = {"failed": f"{p.n} {what} fitted; its {nparams} parameters need at least {nparams + 1}"}
+            continue
+        out["forms"][form] = _own_entry(form, p, bootstrap, level, rng)
+    for entry in out["forms"].values():
+        _add_comparisons(entry, out, p)
+    answer = "pooled" if "pooled" in out["forms"] else "schedule"
+    out["answer"] = answer
+    out["curve"] = {"step": [int(v) for v in curve.step], "loss": [float(v) for v in curve.loss]}
     return out
 
 
-def curve_prediction_line(s: np.ndarray, form: str, params: dict, S1: np.ndarray, S2: np.ndarray) -> np.ndarray:
-    p = np.array(list(params.values()))
-    return _eval(form, p, s, S1[s.astype(int) - 1], S2[s.astype(int) - 1])
+def _pooled_entry(p: Prefix, pool: Pool, level: float) -> dict:
+    final, L0, A = predict_pooled(p, pool.theta)
+    first = L0 + A * float(_row_means(p.x, shape_term(pool.theta, p.x["S1"], p.x["S2"]))[0])
+    entry = {"params": {"L0": L0, "A": A, "alpha": float(pool.theta[0]), "s_w": float(pool.theta[1]),
+                        "c": float(pool.theta[2])},
+             "references": len(pool.used), "reference_rmse": float(np.sqrt(np.mean(pool.errors ** 2)))}
+    why = physical_failure(final, L0, first, p)
+    if why:
+        entry["failed"] = why
+        return entry
+    entry["predicted_final_loss"] = final
+    half = conformal_halfwidth(pool.errors, level)
+    if half is None:
+        entry["note"] = (f"no interval: {len(pool.used)} references are too few for a {level:.0%} conformal interval "
+                         f"(needs {math.ceil(level / (1 - level))})")
+    else:
+        # relative errors of the references, so the interval is a relative band around the prediction
+        entry["interval"] = [final * (1 - half), final * (1 + half)]
+        entry["interval_kind"] = f"cross-conformal on {len(pool.used)} reference runs"
+    return entry
+
+
+def _own_entry(form: str, p: Prefix, bootstrap: int, level: float, rng) -> dict:
+    params = fit_own(form, p)
+    names = ["E", "A", "alpha"] if form == "power" else ["L0", "A", "alpha", "s_w", "c"]
+    entry = {"params": dict(zip(names, map(float, params)))}
+    fitted = _row_means(p.x, _power(params, p.x["s"]) if form == "power" else _own(params, p.x["S1"], p.x["S2"]))
+    resid = p.y - fitted
+    entry["rmse"] = float(np.sqrt(np.mean(resid ** 2)))
+    final = _final_own(form, params, p)
+    why = physical_failure(final, params[0], float(fitted[0]), p)
+    if why:
+        entry["failed"] = why
+        return entry
+    entry["predicted_final_loss"] = final
+    # moving-block bootstrap of the residuals (neighbouring rows' noise is correlated)
+    B = max(2, len(resid) // 10)
+    preds = []
+    for _ in range(bootstrap):
+        starts = rng.integers(0, len(resid) - B + 1, math.ceil(len(resid) / B))
+        e = np.concatenate([resid[i:i + B] for i in starts])[: len(resid)]
+        q = _final_own(form, fit_own(form, p, fitted + e), p)
+        if math.isfinite(q):
+            preds.append(q)
+    if preds:
+        q = (1 - level) / 2
+        entry["interval"] = [float(np.quantile(preds, q)), float(np.quantile(preds, 1 - q))]
+        entry["interval_kind"] = "bootstrap of residuals (uncalibrated: the form's misfit is not in it)"
+    return entry
+
+
+def _add_comparisons(entry: dict, out: dict, p: Prefix) -> None:
+    """rel_error against the measured final loss; for the train loss, the eval prediction (train
+    prediction + the mean eval−train gap over the fitted steps)."""
+    if "predicted_final_loss" not in entry:
+        return
+    final = entry["predicted_final_loss"]
+    if "measured_final_loss" in out:
+        entry["rel_error"] = (final - out["measured_final_loss"]) / out["measured_final_loss"]
+        if "interval" in entry:
+            entry["covered"] = entry["interval"][0] <= out["measured_final_loss"] <= entry["interval"][1]
+    evals = [(s, v) for s, v in p.curve.extra.get("evals", []) if p.x["skip"] < s <= p.x["cut"]]
+    if evals:
+        s = np.array([s for s, _ in evals])
+        line = curve_prediction_line(s, entry["params"], p.curve.eta, out["lambda"])
+        entry["predicted_final_eval_loss"] = final + float(np.mean([v for _, v in evals] - line))
+        if "measured_final_eval_loss" in out:
+            m = out["measured_final_eval_loss"]
+            entry["eval_rel_error"] = (entry["predicted_final_eval_loss"] - m) / m
+
+
+def curve_prediction_line(s: np.ndarray, params: dict, eta: np.ndarray, lam: float = LAMBDA) -> np.ndarray:
+    """A fitted form's loss at steps s [m] (1-based), from its params dict."""
+    s = np.asarray(s, int)
+    if "E" in params:
+        return _power([params["E"], params["A"], params["alpha"]], s)
+    S1, S2 = areas(eta / np.max(eta), lam)
+    return params["L0"] + params["A"] * shape_term([params["alpha"], params["s_w"], params["c"]],
+                                                   S1[s - 1], S2[s - 1])

@@ -188,23 +188,25 @@ def plot_all(runs: Runs, fit: dict, out_dir: str | Path) -> list[Path]:
             plot_contour(runs, fit, out_dir / "contour.png")]
 
 
-def plot_curve(result: dict, out: str | Path) -> Path:
-    """One run's logged loss, the fitted prefix, and both forms' curves out to the last step."""
-    from pretrain.scaling.curve import areas, lr_per_step, read_metrics
+def plot_curve(result: dict, out: str | Path, eta: np.ndarray | None = None) -> Path:
+    """One run's logged loss, the fitted prefix, and each form's curve out to the last step (failed
+    forms are left out). eta [T]: the run's per-step lr (default: rebuilt from its run directory)."""
+    from pretrain.scaling.curve import curve_prediction_line, lr_per_step, read_metrics
 
     plt = _plt()
-    run_dir = result["run_dir"]
-    eta, T, _ = lr_per_step(run_dir, read_metrics(run_dir))
-    S1, S2 = areas(eta, result["lambda"])
+    if eta is None:
+        eta, _, _ = lr_per_step(result["run_dir"], read_metrics(result["run_dir"]))
+    T = len(eta)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(result["curve"]["step"], result["curve"]["loss"], color="0.6", lw=0.8,
+    ax.plot(result["curve"]["step"], result["curve"]["loss"], color="0.6", lw=0.8, marker=".", ms=3,
             label=f"{result.get('target', 'train')} loss")
     s = np.arange(max(1, result["fit_steps"][0]), T + 1)
-    for form, color in (("power", "C1"), ("schedule", "C0")):
-        f = result["forms"][form]
-        p = list(f["params"].values())
-        y = p[0] + p[1] * s ** (-p[2]) if form == "power" else p[0] + p[1] * S1[s - 1] ** (-p[2]) - p[3] * S2[s - 1]
-        ax.plot(s, y, color=color, label=f"{form} fit → {f['predicted_final_loss']:.3f}")
+    for form, color in (("power", "C1"), ("schedule", "C0"), ("pooled", "C2")):
+        f = result["forms"].get(form, {})
+        if "predicted_final_loss" not in f:
+            continue
+        ax.plot(s, curve_prediction_line(s, f["params"], eta, result["lambda"]), color=color,
+                label=f"{form} fit → {f['predicted_final_loss']:.3f}")
         if "interval" in f:
             lo, hi = f["interval"]  # a small bootstrap's interval need not contain the estimate
             ax.errorbar([T], [f["predicted_final_loss"]], yerr=[[max(0.0, f["predicted_final_loss"] - lo)],
