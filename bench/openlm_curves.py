@@ -72,7 +72,7 @@ def backtest(csv_path: str | Path = DEFAULT_CSV, fraction: float = 0.25, level: 
         else:
             refs = [r for r in runs if r.extra["config"] != c.extra["config"]]
             try:
-                r = fit_curve(c, fraction=fraction, level=level, bootstrap=0, pool=make_pool(refs, fraction))
+                r = fit_curve(c, fraction=fraction, level=level, bootstrap=0, pool=make_pool(refs, make_prefix(c, fraction)))
                 f = r["forms"]["pooled"]
                 if "failed" in f:
                     row["refused"] = f"failed: {f['failed']}"

@@ -14,11 +14,13 @@ scale A are each run's own.
 
 Two ways to fit it:
   - pooled (with reference runs, `--reference`: finished runs of the same family, e.g. the rest of a
-    sweep): the shape θ = (α, s_w, c) is the one under which the references' own prefixes (the same
-    fraction) best predict their measured final losses; the run's (L0, A) are then a linear least
-    squares on its prefix, so 2 checkpoints suffice. The interval is split-conformal: the references'
-    prediction errors, each made with θ fitted without that reference's fold (cross-conformal), give
-    the relative half-width that held `level` of the time on runs like this one.
+    sweep): each reference is cut where the run's prefix ends (the same checkpoint steps; a shorter
+    reference at the same fraction of its own run) and weighted by how like the run it is (a Gaussian
+    kernel over log total steps, log rows fitted, log peak lr); the shape θ = (α, s_w, c) is the one
+    under which these reference prefixes best predict their measured final losses (weighted). The
+    run's (L0, A) are then a linear least squares on its prefix, so 2 checkpoints suffice. The interval
+    is split-conformal on the references nearest the run: their prediction errors, each made with θ
+    fitted the same way without that reference's fold (cross-conformal), give the relative half-width.
   - own (no references): all five parameters from the run's prefix, with a bootstrap interval that
     only reflects the noise around the fitted form (marked uncalibrated: on real curves the form's
     misfit dominates; see docs/curves.md).
@@ -453,37 +455,57 @@ def physical_failure(final: float, level: float, first: float, p: Prefix) -> str
 
 
 MIN_ROWS = 2  # the run's own parameters under a shared shape: L0 and A
+BANDWIDTH = 0.35  # kernel width over the features (natural logs): a factor 2 in one of them weighs e^-2 ≈ 0.14
+NEIGHBOURS = 1  # the kernel widens for a run in a sparse region until its nearest reference lies within it
+CALIBRATION = 19  # the nearest references whose errors set the interval (rank 18 of 19 at level 0.9)
 
 
-def fit_shape(prefixes: list[Prefix], theta0=None) -> np.ndarray:
-    """The shared shape θ = (α, s_w, c) under which each reference's prefix best predicts its own
-    measured final loss (least squares of the relative errors). prefixes: finished references with
-    at least MIN_ROWS rows in their prefixes."""
+def features(p: Prefix) -> np.ndarray:
+    """What makes two prefixes predict alike [3]: log total steps, log rows fitted, log peak lr."""
+    return np.log([p.curve.T, max(p.n, 1), float(np.max(p.curve.eta))])
+
+
+def similarity(target: Prefix, prefixes: list[Prefix]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances of the references' prefixes to the target's in `features` [n] and their Gaussian kernel
+    weights [n]; the width is BANDWIDTH, or the distance to the NEIGHBOURS-th nearest when that is larger."""
+    d = np.linalg.norm(np.stack([features(q) for q in prefixes]) - features(target), axis=1)
+    h = max(BANDWIDTH, float(np.sort(d)[min(NEIGHBOURS, len(d)) - 1]))
+    return d, np.exp(-0.5 * (d / h) ** 2)
+
+
+def fit_shape(prefixes: list[Prefix], weights: np.ndarray | None = None, theta0=None) -> np.ndarray:
+    """The shape θ = (α, s_w, c) under which the references' prefixes best predict their own measured
+    final losses (weighted least squares of the relative errors). prefixes: finished references with
+    at least MIN_ROWS rows; weights [n]: how much each reference is like the target (default equal)."""
+    w = np.ones(len(prefixes)) if weights is None else np.asarray(weights, float)
+    sw = np.sqrt(w / w.sum())
+
     def res(theta):
-        return np.array([(predict_pooled(p, theta)[0] - p.curve.measured) / p.curve.measured for p in prefixes])
+        return sw * np.array([(predict_pooled(p, theta)[0] - p.curve.measured) / p.curve.measured for p in prefixes])
 
     bounds = ([0.05, 0.0, 0.0], [3.0, 1e4, 100.0])
     if theta0 is None:  # a coarse grid first: the relative errors are far from quadratic in (α, s_w)
-        grid = [(a, sw, c) for a in (0.3, 0.6, 1.0, 1.5, 2.2) for sw in (0.0, 30.0, 100.0, 300.0) for c in (0.0, 1.0)]
+        grid = [(a, sw_, c) for a in (0.3, 0.6, 1.0, 1.5, 2.2) for sw_ in (0.0, 30.0, 100.0, 300.0) for c in (0.0, 1.0)]
         theta0 = min(grid, key=lambda t: float(np.sum(res(t) ** 2)))
     t0 = np.clip(theta0, np.array(bounds[0]) + 1e-6, np.array(bounds[1]) - 1e-6)
     best = least_squares(res, t0, bounds=bounds, x_scale=[0.3, 100.0, 1.0], max_nfev=200)
     return best.x
 
 
-def cross_errors(prefixes: list[Prefix], theta: np.ndarray, folds: int = 5) -> np.ndarray:
-    """Relative errors of each reference's prediction with θ fitted on the other folds [n]
-    (cross-conformal: an error measured on a run the shape was not fitted to)."""
-    n = len(prefixes)
-    folds = min(folds, n)
-    errs = np.empty(n)
+def cross_errors(prefixes: list[Prefix], weights: np.ndarray, theta: np.ndarray, held: np.ndarray,
+                 folds: int = 5) -> np.ndarray:
+    """Relative errors [len(held)] of the references `held` (indices into prefixes), each predicted with
+    θ fitted (same weights) without its fold: an error measured on a run the shape was not fitted to,
+    made exactly as the target's prediction is."""
+    folds = min(folds, len(held))
+    errs = np.empty(len(held))
     for f in range(folds):
-        held = np.arange(f, n, folds)
-        rest = [prefixes[i] for i in range(n) if i % folds != f]
-        th = fit_shape(rest, theta) if len(rest) >= 4 else theta
-        for i in held:
-            p = prefixes[i]
-            errs[i] = (predict_pooled(p, th)[0] - p.curve.measured) / p.curve.measured
+        out = set(held[f::folds].tolist())
+        keep = [i for i in range(len(prefixes)) if i not in out]
+        th = fit_shape([prefixes[i] for i in keep], weights[keep], theta) if len(keep) >= 4 else theta
+        for k in range(f, len(held), folds):
+            p = prefixes[held[k]]
+            errs[k] = (predict_pooled(p, th)[0] - p.curve.measured) / p.curve.measured
     return errs
 
 
@@ -498,31 +520,47 @@ def conformal_halfwidth(errs: np.ndarray, level: float) -> float | None:
 
 @dataclasses.dataclass
 class Pool:
-    """What the references give a prediction: the shape, the cross-validated errors, who was used."""
+    """What the references give one target's prediction: the shape, the cross-validated errors of the
+    references nearest the target, who was used and with what weight."""
     theta: np.ndarray
     errors: np.ndarray
     used: list[str]
+    weights: np.ndarray
     skipped: dict  # name -> why not used
 
 
-def make_pool(references: list[Curve], fraction: float, lam: float = LAMBDA) -> Pool:
-    """Fits the shared shape on the references' prefixes at `fraction` (each a finished run with at
-    least MIN_ROWS prefix rows) and measures its cross-validated errors."""
+def reference_prefix(ref: Curve, target: Prefix, lam: float = LAMBDA) -> Prefix:
+    """A reference's prefix as the target's is: up to the step of the target's last fitted row (the
+    same checkpoint positions), and never past the target's fraction of its own run (so a shorter
+    reference's final loss stays outside)."""
+    return make_prefix(ref, reference_cut(ref, target) / ref.T, lam)
+
+
+def reference_cut(ref: Curve, target: Prefix) -> float:
+    return min(float(target.curve.step[target.sel][-1]), target.x["cut"] / target.curve.T * ref.T)
+
+
+def make_pool(references: list[Curve], target: Prefix, lam: float = LAMBDA) -> Pool:
+    """Fits the shape for `target` on the references' prefixes (`reference_prefix`; each a finished run
+    with at least MIN_ROWS rows there), weighted by their `similarity` to the target, and measures the
+    cross-validated errors of the CALIBRATION nearest."""
     used, skipped = [], {}
     for c in references:
-        p = make_prefix(c, fraction, lam)
+        p = reference_prefix(c, target, lam)
         if c.measured is None:
             skipped[c.name] = "not finished"
         elif p.n < MIN_ROWS:
-            skipped[c.name] = f"{p.n} rows in its first {fraction:.0%}"
+            skipped[c.name] = f"{p.n} rows up to step {reference_cut(c, target):.0f}"
         else:
             used.append(p)
     if len(used) < 4:
         raise CurveError(f"{len(used)} usable reference runs; the shared shape (3 parameters) needs at least 4 finished "
-                         f"runs with {MIN_ROWS}+ rows in their first {fraction:.0%}"
+                         f"runs with {MIN_ROWS}+ rows in the part of their curve matching the run's prefix"
                          + (f" (skipped: {skipped})" if skipped else ""))
-    theta = fit_shape(used)
-    return Pool(theta, cross_errors(used, theta), [p.curve.name for p in used], skipped)
+    d, w = similarity(target, used)
+    theta = fit_shape(used, w)
+    near = np.argsort(d, kind="stable")[:CALIBRATION]
+    return Pool(theta, cross_errors(used, w, theta, near), [p.curve.name for p in used], w, skipped)
 
 
 # ---------------------------------------------------------------- the prediction
@@ -558,7 +596,7 @@ def fit_curve(run: str | Path | Curve, fraction: float | None = None, bootstrap:
     rng = np.random.default_rng(seed)
     if pool is None and references:
         refs = [r if isinstance(r, Curve) else load_curve(r, target) for r in references]
-        pool = make_pool(refs, fraction or 1.0, lam)
+        pool = make_pool(refs, p, lam)
     if pool is not None:
         out["forms"]["pooled"] = _pooled_entry(p, pool, level)
     for form, nparams in (("power", 3), ("schedule", 5)):
@@ -579,7 +617,9 @@ def _pooled_entry(p: Prefix, pool: Pool, level: float) -> dict:
     first = L0 + A * float(_row_means(p.x, shape_term(pool.theta, p.x["S1"], p.x["S2"]))[0])
     entry = {"params": {"L0": L0, "A": A, "alpha": float(pool.theta[0]), "s_w": float(pool.theta[1]),
                         "c": float(pool.theta[2])},
-             "references": len(pool.used), "reference_rmse": float(np.sqrt(np.mean(pool.errors ** 2)))}
+             "references": len(pool.used), "effective_references": float(pool.weights.sum() ** 2 / np.sum(pool.weights ** 2)),
+             "calibration_references": len(pool.errors),
+             "calibration_rmse": float(np.sqrt(np.mean(pool.errors ** 2)))}
     why = physical_failure(final, L0, first, p)
     if why:
         entry["failed"] = why
@@ -587,12 +627,12 @@ def _pooled_entry(p: Prefix, pool: Pool, level: float) -> dict:
     entry["predicted_final_loss"] = final
     half = conformal_halfwidth(pool.errors, level)
     if half is None:
-        entry["note"] = (f"no interval: {len(pool.used)} references are too few for a {level:.0%} conformal interval "
+        entry["note"] = (f"no interval: {len(pool.errors)} references are too few for a {level:.0%} conformal interval "
                          f"(needs {math.ceil(level / (1 - level))})")
     else:
         # relative errors of the references, so the interval is a relative band around the prediction
         entry["interval"] = [final * (1 - half), final * (1 + half)]
-        entry["interval_kind"] = f"cross-conformal on {len(pool.used)} reference runs"
+        entry["interval_kind"] = f"cross-conformal on the {len(pool.errors)} reference runs nearest this one"
     return entry
 
 
