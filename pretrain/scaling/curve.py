@@ -402,9 +402,10 @@ def _own(params, S1, S2):
     return L0 + A * shape_term(params[2:], S1, S2)
 
 
-def fit_own(form: str, p: Prefix, y: np.ndarray | None = None) -> np.ndarray:
+def fit_own(form: str, p: Prefix, y: np.ndarray | None = None, x0: np.ndarray | None = None) -> np.ndarray:
     """Least squares of one form to the prefix rows (y: other values for the same rows, for the
-    bootstrap). power: (E, A, α) in steps; schedule: (L0, A, α, s_w, c) with the areas."""
+    bootstrap). power: (E, A, α) in steps; schedule: (L0, A, α, s_w, c) with the areas. x0: start
+    from these parameters only (the bootstrap's refits, warm-started from the full fit)."""
     y = p.y if y is None else y
     x = p.x
     if form == "power":
@@ -418,6 +419,8 @@ def fit_own(form: str, p: Prefix, y: np.ndarray | None = None) -> np.ndarray:
         starts = [[y.min() * 0.8, (y.max() - y.min()) * (x["S1"].min() + sw) ** a, a, sw, 0.5]
                   for a in (0.3, 0.6, 1.2) for sw in (0.0, 100.0)]
         bounds = ([0, 0, 0.01, 0, 0], [np.inf, np.inf, 3, 1e4, 100])
+    if x0 is not None:
+        starts = [x0]
     best = None
     for q0 in starts:
         q0 = np.clip(q0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
@@ -655,7 +658,7 @@ def _own_entry(form: str, p: Prefix, bootstrap: int, level: float, rng) -> dict:
     for _ in range(bootstrap):
         starts = rng.integers(0, len(resid) - B + 1, math.ceil(len(resid) / B))
         e = np.concatenate([resid[i:i + B] for i in starts])[: len(resid)]
-        q = _final_own(form, fit_own(form, p, fitted + e), p)
+        q = _final_own(form, fit_own(form, p, fitted + e, x0=params), p)
         if math.isfinite(q):
             preds.append(q)
     if preds:
