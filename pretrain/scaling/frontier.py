@@ -74,17 +74,9 @@ def window_flags(N: np.ndarray, L: np.ndarray, groups: np.ndarray, window: float
 
 def _model(theta: np.ndarray, x: np.ndarray, c: np.ndarray, emax: float):
     """theta (u, lnA, alpha, lnk, m0, m1) -> (L [n], dL/dtheta [n, 6]); x = ln N, c = ln(C/C0);
-    E = emax·sigmoid(u) keeps 0 < E < emax."""
-    u, la, al, lk, m0, m1 = theta
-    sig = 1 / (1 + math.exp(-u)) if u > -700 else 0.0
-    R = np.exp(la - al * c)
-    q = x - m0 - m1 * c
-    k = math.exp(lk)
-    bowl = 1 + k * q * q
-    L = emax * sig + R * bowl
-    J = np.stack([np.full_like(x, emax * sig * (1 - sig)), R * bowl, -c * R * bowl, R * k * q * q,
-                  -2 * R * k * q, -2 * R * k * q * c], axis=1)
-    return L, J
+    E = emax·sigmoid(u) keeps 0 < E < emax. One row of `_model_batched`."""
+    L, J = _model_batched(np.asarray(theta, float)[None, :], x, c, emax)
+    return L[0], J[0]
 
 
 def _model_batched(theta: np.ndarray, x: np.ndarray, c: np.ndarray, emax: float):
