@@ -1,8 +1,9 @@
 """The cleaning job as an Apache Beam graph: `danlu clean CONFIG --runner beam`.
 
-    shards ─► read (FlatMap) ─► per-document steps (FlatMap, `steps.run_steps`) ─► corpus stages ─► write
-                                                                                  │
-            exact / url:  key by hash ─► GroupByKey ─► keep one                    │
+    shards ─► map (FlatMap: read + steps, data_pipeline/loop.py) ─► corpus stages ─► write
+                  ├─► errors.jsonl, rejected/                  │
+                  └─► per-shard stats ─► report.json           │
+            exact / url:  key by hash ─► GroupByKey ─► keep one       │
             lines:        (line hash, doc) ─► GroupByKey ─► repeated lines ─► CoGroupByKey with docs
             minhash:      signature ─► band keys ─► GroupByKey ─► candidate edges (star, or verified)
                           ─► connected components: large-star / small-star rounds (Kiveris et al. 2014)
@@ -19,9 +20,11 @@ node. Whether that happened is checked inside the graph; if not (a component nee
 rounds; counter ``minhash:cc_unconverged``), the remaining, already contracted edges are
 finished on one worker and the counter says so: raise `cc_rounds`.
 
-Counters (Beam metrics, namespace ``danlu``): ``in|<source>``, ``out|<source>``,
-``dropped|<source>|<reason>`` for every drop reason, ``errors|<source>``, bytes alike; the
-report.json of the job is made from them after the run.
+The report: the map phase counts each shard with the local runner's loop and emits the shard's
+stats once (written to ``.state/shard-stats.jsonl``); they are merged by `report.merge` as the
+local runner merges its shards. The corpus stages count their drops and cuts in Beam metrics
+(namespace ``danlu``: ``stage_dropped|<source>|<reason>``, ``stage_bytes_dropped|...``,
+``stage_bytes_edited|<source>``), added to the report after the run as the local runner adds them.
 
 Runners (`beam.options` in the job YAML, or ``--beam-option`` flags after ``--runner beam``;
 the job's inputs and output must be reachable from the workers, e.g. gs:// paths):
@@ -47,7 +50,8 @@ import numpy as np
 from data_pipeline.dedup import exact, lsh
 from data_pipeline.dedup.minhash import MinHasher, band_keys, shingles, string_hash64
 from data_pipeline.dedup.stages import (CorpusStage, ExactStage, LinesStage, MinHashStage, StepStage, UrlStage,
-                                        build_stages)
+                                        build_stages, stage_name)
+from data_pipeline.loop import ShardStats, doc_bytes, process_records
 from data_pipeline.steps import Drop, Step
 
 NS = "danlu"
@@ -67,112 +71,41 @@ def _count(name: str, n: int = 1) -> None:
         Metrics.counter(NS, name).inc(n)
 
 
-def _doc_bytes(doc: dict) -> int:
-    n = len(doc["text"].encode("utf-8", "surrogatepass"))
-    html = doc.get("html")
-    return n + (len(html.encode("utf-8", "surrogatepass")) if isinstance(html, str) else 0)
-
-
 def _src(doc: dict) -> str:
     return str(doc.get("source", ""))
 
 
 def count_drop(doc: dict, reason: str) -> None:
-    """The counters of one dropped document (every drop reason has its own counter)."""
-    s = _src(doc)
-    _count(f"dropped|{s}|{reason}")
-    _count(f"bytes_dropped|{s}|{reason}", _doc_bytes(doc))
-    _count(f"out|{s}", -1)
-    _count(f"bytes_out|{s}", -_doc_bytes(doc))
+    """The counters of one document a corpus stage dropped (every drop reason has its own counter)."""
+    _count(f"stage_dropped|{_src(doc)}|{reason}")
+    _count(f"stage_bytes_dropped|{_src(doc)}|{reason}", doc_bytes(doc))
+
+
+def count_edit(doc: dict, new: dict) -> None:
+    """The counter of the bytes a corpus stage cut from a document that stays."""
+    _count(f"stage_bytes_edited|{_src(doc)}", doc_bytes(doc) - doc_bytes(new))
 
 
 # --------------------------------------------------------------------------- read + steps
 
-def read_shard(shard, max_doc_bytes: int | None = None) -> Iterator:
-    """(order, doc) of one shard; ReadErrors go to the "errors" output, Skipped are counted drops."""
-    from collections import Counter
-
+def map_shard(shard, steps: Sequence[Step], examples_per_reason: int = 3) -> Iterator:
+    """The map phase of one shard, through the same loop as the local runner (data_pipeline/loop.py):
+    kept documents as (order, doc), error rows to the "errors" output, dropped documents (with
+    ``drop_reason``) to "rejected", and the shard's stats, once, to "stats". The reader streams:
+    what it read before a failure is kept."""
     from apache_beam import pvalue
 
     from data_pipeline import readers as R
 
-    counters: Counter = Counter()
-    limit = shard.options.max_doc_bytes if max_doc_bytes is None else max_doc_bytes
+    stats = ShardStats(shard, [s.name for s in steps], examples_per_reason)
     pos = 0
-    source = shard.source
-    try:
-        records = list(R.read_shard(shard, counters))
-    except Exception as e:  # noqa: BLE001 - as the local runner: the shard becomes one error
-        records = [R.ReadError(shard.name, "unreadable", f"reader failed: {type(e).__name__}: {e}")]
-    for rec in records:
-        if isinstance(rec, R.ReadError):
-            _count(f"in|{source}")
-            _count(f"bytes_in|{source}", rec.nbytes)
-            _count(f"errors|{source}")
-            _count(f"bytes_errors|{source}", rec.nbytes)
-            _count(f"error_kind|{rec.kind}")
-            yield pvalue.TaggedOutput("errors", {"file": rec.file, **rec.location, "kind": rec.kind,
-                                                 "reason": rec.reason, "source": source, "shard": shard.index,
-                                                 "raw": rec.raw})
-            continue
-        if isinstance(rec, R.Skipped):
-            _count(f"in|{source}")
-            _count(f"bytes_in|{source}", rec.nbytes)
-            _count(f"dropped|{source}|{rec.reason}")
-            _count(f"bytes_dropped|{source}|{rec.reason}", rec.nbytes)
-            continue
-        n = _doc_bytes(rec)
-        _count(f"in|{source}")
-        _count(f"bytes_in|{source}", n)
-        if n > limit:
-            _count(f"errors|{source}")
-            _count(f"bytes_errors|{source}", n)
-            _count("error_kind|too_large")
-            yield pvalue.TaggedOutput("errors", {"file": shard.name, "id": rec["id"], "kind": "too_large",
-                                                 "reason": f"document {rec['id']} of {n} bytes exceeds "
-                                                           f"max_doc_bytes={limit}", "source": source,
-                                                 "shard": shard.index, "raw": rec["text"][:100]})
-            continue
-        yield ((shard.index << ORDER_SHIFT) + pos, rec)
-        pos += 1
-    for k, v in counters.items():
-        _count(f"reader|{k}", v)
-
-
-def apply_steps(item: tuple[int, dict], steps: Sequence[Step]) -> Iterator:
-    """Per-document steps on one (order, doc), as the local runner applies them."""
-    from apache_beam import pvalue
-
-    order, doc = item
-    source = _src(doc)
-    n_in = _doc_bytes(doc)
-    result: dict | Drop = doc
-    for k, step in enumerate(steps):
-        _count(f"step_in|{k}")
-        before = result["text"]
-        try:
-            out = step.apply(result)
-        except Exception as ex:  # noqa: BLE001 - one bad document must not end the job
-            _count(f"errors|{source}")
-            _count(f"bytes_errors|{source}", n_in)
-            _count("error_kind|step_failed")
-            yield pvalue.TaggedOutput("errors", {"file": "", "id": doc["id"], "kind": "step_failed",
-                                                 "reason": f"{step.name}: {type(ex).__name__}: {ex}",
-                                                 "source": source, "raw": before[:100]})
-            return
-        if isinstance(out, Drop):
-            _count(f"step_dropped|{k}")
-            _count(f"dropped|{source}|{out.reason}")
-            _count(f"bytes_dropped|{source}|{out.reason}", n_in)
-            return
-        if out.get("text") is not before and out.get("text") != before:
-            _count(f"step_changed|{k}")
-        result = out
-    n_out = _doc_bytes(result)
-    _count(f"out|{source}")
-    _count(f"bytes_out|{source}", n_out)
-    _count(f"bytes_edited|{source}", n_in - n_out)
-    yield order, result
+    for kind, obj in process_records(R.read_guarded(shard, stats.reader_counters), steps, shard, stats):
+        if kind == "doc":
+            yield (shard.index << ORDER_SHIFT) + pos, obj
+            pos += 1
+        else:
+            yield pvalue.TaggedOutput("errors" if kind == "error" else "rejected", obj)
+    yield pvalue.TaggedOutput("stats", {**stats.to_dict(), "step_seconds": stats.step_seconds})
 
 
 # --------------------------------------------------------------------------- stages
@@ -259,9 +192,7 @@ def _lines_stage(docs, stage: LinesStage, label: str):
             count_drop(doc, "lines:empty")
             return
         new = {**doc, "text": text}
-        cut = _doc_bytes(doc) - _doc_bytes(new)
-        _count(f"bytes_out|{_src(doc)}", -cut)
-        _count(f"bytes_edited|{_src(doc)}", cut)
+        count_edit(doc, new)
         yield order, new
 
     bad = docs | f"{label} units" >> beam.FlatMap(units) | f"{label} group lines" >> beam.GroupByKey() \
@@ -433,9 +364,7 @@ def _step_stage(docs, stage: StepStage, label: str):
             count_drop(doc, out.reason)
             return
         if out.get("text") != doc["text"]:
-            cut = _doc_bytes(doc) - _doc_bytes(out)
-            _count(f"bytes_out|{_src(doc)}", -cut)
-            _count(f"bytes_edited|{_src(doc)}", cut)
+            count_edit(doc, out)
         yield order, out
 
     return docs | f"{label}" >> beam.FlatMap(apply)
@@ -473,51 +402,36 @@ def counters_of(result) -> dict[str, int]:
     return out
 
 
-def report_from_counters(name: str, step_names: list[str], counters: dict[str, int]) -> dict:
-    """A report in report.merge's shape from the Beam counters."""
-    from data_pipeline.report import balanced
-
-    def empty():
-        return {"documents_in": 0, "documents_out": 0, "dropped": {}, "errors": 0, "bytes_in": 0, "bytes_out": 0,
-                "bytes_dropped": {}, "bytes_errors": 0, "bytes_edited": 0}
-
+def stage_results(counters: dict[str, int], stages: Sequence[CorpusStage]) -> dict:
+    """The corpus stages' drops and edits from the Beam counters, in the shape of the local runner's
+    `stages.run_stages` result, for `stages.apply_to_report`."""
     per_source: dict[str, dict] = {}
-    error_kinds, reader = {}, {}
-    steps = [{"step": n, "documents_in": 0, "dropped": 0, "changed": 0} for n in step_names]
-    simple = {"in": "documents_in", "out": "documents_out", "errors": "errors", "bytes_in": "bytes_in",
-              "bytes_out": "bytes_out", "bytes_errors": "bytes_errors", "bytes_edited": "bytes_edited"}
     for key, v in sorted(counters.items()):
         kind, _, rest = key.partition("|")
-        if kind in simple:
-            per_source.setdefault(rest, empty())[simple[kind]] += v
-        elif kind in ("dropped", "bytes_dropped"):
-            src, _, reason = rest.partition("|")
-            d = per_source.setdefault(src, empty())[kind]
+        if kind not in ("stage_dropped", "stage_bytes_dropped", "stage_bytes_edited"):
+            continue
+        src, _, reason = rest.partition("|")
+        ps = per_source.setdefault(src, {"dropped": {}, "bytes_dropped": {}, "bytes_edited": 0})
+        if kind == "stage_bytes_edited":
+            ps["bytes_edited"] += v
+        else:
+            d = ps["dropped" if kind == "stage_dropped" else "bytes_dropped"]
             d[reason] = d.get(reason, 0) + v
-        elif kind == "error_kind":
-            error_kinds[rest] = v
-        elif kind == "reader":
-            reader[rest] = v
-        elif kind in ("step_in", "step_dropped", "step_changed"):
-            steps[int(rest)][{"step_in": "documents_in", "step_dropped": "dropped", "step_changed": "changed"}[kind]] = v
-    total = empty()
-    for c in per_source.values():
-        for k, v in c.items():
-            if isinstance(v, dict):
-                for r, n in v.items():
-                    total[k][r] = total[k].get(r, 0) + n
-            else:
-                total[k] += v
-    for c in [total, *per_source.values()]:
-        c["dropped"] = dict(sorted(c["dropped"].items(), key=lambda kv: (-kv[1], kv[0])))
-        c["bytes_dropped"] = dict(sorted(c["bytes_dropped"].items()))
-    for st in steps:
-        st["reasons"] = {r: n for r, n in total["dropped"].items() if r.startswith(st["step"] + ":")}
-    rep = {"name": name, **total, "error_kinds": error_kinds, "per_source": dict(sorted(per_source.items())),
-           "steps": steps, "reader_counters": reader,
-           "accounted": balanced(total) and all(balanced(c) for c in per_source.values()),
-           "shards": 0, "files": [], "rejected_files": [], "examples": {}}
-    return rep
+    return {"per_source": per_source, "examples": {},
+            "stages": [{"stage": stage_name(s)} for s in stages]}
+
+
+def _read_rows(pattern: str) -> list[dict]:
+    """The JSON lines of the files matching `pattern` (local or remote, through Beam's FileSystems)."""
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    rows = []
+    for m in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+        with FileSystems.open(m.path) as f:
+            rows += [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+    return rows
 
 
 def pipeline_options(args: Sequence[str] = ()):
@@ -528,43 +442,59 @@ def pipeline_options(args: Sequence[str] = ()):
 
 def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None = None) -> dict:
     """Runs a planned cleaning job (data_pipeline.clean.Job) on Beam; writes documents/,
-    errors.jsonl and the report into the job's output directory; returns the report."""
+    errors.jsonl and the report into the job's output directory; returns the report.
+
+    The report is merged from the shards' stats exactly as the local runner's is (report.merge),
+    then the corpus stages' drops are applied from the Beam counters (stages.apply_to_report).
+    """
     beam = _beam()
+    from apache_beam.io.filesystems import FileSystems
+
     from data_pipeline import report as report_mod
+    from data_pipeline.dedup.stages import apply_to_report
     from data_pipeline.io import dumps_line
 
     cfg = job.config
-    out = job.output_dir
+    out = job.output_dir.rstrip("/")
     stages = build_stages(getattr(cfg, "stages", ()) or ())
     if cc_rounds is None:
         cc_rounds = int(dict(getattr(cfg, "stage_options", ()) or ()).get("cc_rounds", 12))
     t0 = time.time()
-    remote = "://" in out and not out.startswith("file://")  # gs://, s3://: Beam's FileSystems write it
+    remote = "://" in out  # gs://, s3://: Beam's FileSystems write it (file:// was made a path by clean.plan)
     if not remote:
         os.makedirs(out, exist_ok=True)
     suffix = {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl"}[cfg.output.compression]  # AUTO by suffix
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        read = (p | "shards" >> beam.Create(list(job.shards)) | "spread" >> beam.Reshuffle()
-                | "read" >> beam.FlatMap(read_shard).with_outputs("errors", main="docs"))
-        mapped = read.docs | "steps" >> beam.FlatMap(apply_steps, list(job.steps)).with_outputs("errors", main="docs")
-        kept = apply_stages(mapped.docs, stages, cc_rounds)
-        (kept | "to json" >> beam.Map(lambda it: dumps_line(it[1]).rstrip("\n"))
-         | "write" >> beam.io.WriteToText(os.path.join(out, "documents", "part"), file_name_suffix=suffix))
-        ((read.errors, mapped.errors) | "errors" >> beam.Flatten()
-         | "errors json" >> beam.Map(lambda e: dumps_line(e).rstrip("\n"))
-         | "write errors" >> beam.io.WriteToText(os.path.join(out, "errors"), file_name_suffix=".jsonl",
-                                                  shard_name_template=""))
-    result = p.result
-    rep = report_from_counters(cfg.name, [s.name for s in job.steps], counters_of(result))
-    rep["shards"] = len(job.shards)
-    rep["stages"] = [{"stage": getattr(s, "name", "") or s.step.name} for s in stages]
-    from apache_beam.io.filesystems import FileSystems
+    stats_prefix = f"{out}/.state/shard-stats"
 
-    matched = FileSystems.match([out.rstrip("/") + "/documents/part*"])[0].metadata_list
+    def to_json(obj) -> str:
+        return dumps_line(obj).rstrip("\n")
+
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        mapped = (p | "shards" >> beam.Create(list(job.shards)) | "spread" >> beam.Reshuffle()
+                  | "map" >> beam.FlatMap(map_shard, list(job.steps), cfg.output.examples_per_reason)
+                  .with_outputs("errors", "rejected", "stats", main="docs"))
+        kept = apply_stages(mapped.docs, stages, cc_rounds)
+        (kept | "to json" >> beam.Map(lambda it: to_json(it[1]))
+         | "write" >> beam.io.WriteToText(f"{out}/documents/part", file_name_suffix=suffix))
+        (mapped.errors | "errors json" >> beam.Map(to_json)
+         | "write errors" >> beam.io.WriteToText(f"{out}/errors", file_name_suffix=".jsonl", shard_name_template=""))
+        (mapped.stats | "stats json" >> beam.Map(to_json)
+         | "write stats" >> beam.io.WriteToText(stats_prefix, file_name_suffix=".jsonl", shard_name_template=""))
+        if cfg.output.rejected:
+            (mapped.rejected | "rejected json" >> beam.Map(to_json)
+             | "write rejected" >> beam.io.WriteToText(f"{out}/rejected/part", file_name_suffix=suffix))
+    counters = counters_of(p.result)
+    shard_stats = sorted(_read_rows(stats_prefix + ".jsonl"), key=lambda st: st["shard"])
+    step_seconds = [sum(st.pop("step_seconds")[k] for st in shard_stats) for k in range(len(job.steps))]
+    rep = report_mod.merge(cfg.name, [s.name for s in job.steps], shard_stats, cfg.output.examples_per_reason)
+    if stages:
+        apply_to_report(rep, stage_results(counters, stages))
+    matched = FileSystems.match([f"{out}/documents/part*"])[0].metadata_list
     rep["files"] = [["documents/" + m.path.rsplit("/", 1)[-1], None] for m in sorted(matched, key=lambda m: m.path)]
     rep["run"] = {"runner": "beam", "pipeline_options": list(beam_args) or ["--runner=DirectRunner"],
                   "wall_seconds": round(time.time() - t0, 3), "shards": len(job.shards), "shards_resumed": 0,
-                  "workers": None, "cc_unconverged": counters_of(result).get("minhash:cc_unconverged", 0)}
+                  "workers": None, "cc_unconverged": counters.get("minhash:cc_unconverged", 0),
+                  "step_seconds": {s.name: round(t, 3) for s, t in zip(job.steps, step_seconds)}}
     if not remote:
         report_mod.write_report(out, rep)
         return rep
@@ -573,36 +503,52 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None 
     with tempfile.TemporaryDirectory() as tmp:  # written here, then copied next to the documents
         report_mod.write_report(tmp, rep)
         for name in ("report.json", "report.md", "removals.png"):
-            with open(os.path.join(tmp, name), "rb") as src, FileSystems.create(f"{out.rstrip('/')}/{name}") as dst:
+            with open(os.path.join(tmp, name), "rb") as src, FileSystems.create(f"{out}/{name}") as dst:
                 dst.write(src.read())
     return rep
 
 
-def _count_in(item: tuple[int, dict]) -> tuple[int, dict]:
-    _count(f"in|{_src(item[1])}")
-    _count(f"bytes_in|{_src(item[1])}", _doc_bytes(item[1]))
-    return item
-
-
 def run_docs_beam(docs: Iterable[dict], steps: Sequence[Step], stage_specs: Sequence, *,
-                  beam_args: Sequence[str] = (), cc_rounds: int = 12) -> tuple[list[dict], dict[str, int]]:
+                  beam_args: Sequence[str] = (), cc_rounds: int = 12) -> tuple[list[dict], dict]:
     """Steps and stages over in-memory documents (order = position), for tests and notebooks.
 
-    Returns (kept documents in input order, counters).
+    Returns (kept documents in input order, the report as the local runner would write it).
     """
     import tempfile
 
     beam = _beam()
+    from data_pipeline import readers as R
+    from data_pipeline import report as report_mod
+    from data_pipeline.dedup.stages import apply_to_report
     from data_pipeline.io import dumps_line, read_jsonl
 
     stages = build_stages(stage_specs)
-    items = [(i, d) for i, d in enumerate(docs)]
+    shard = R.Shard(0, "memory", "", (("<in-memory documents>", ""),), R.CommonOptions())
+
+    def process(all_docs: list[dict]):
+        from apache_beam import pvalue
+
+        stats = ShardStats(shard, [s.name for s in steps])
+        # one result per document (kept, rejected or error), so its position is the document's order
+        for i, (kind, obj) in enumerate(process_records(all_docs, steps, shard, stats)):
+            if kind == "doc":
+                yield i, obj
+        yield pvalue.TaggedOutput("stats", stats.to_dict())
+
     with tempfile.TemporaryDirectory(prefix="danlu-beam-") as tmp:
         with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-            mapped = (p | beam.Create(items) | "count in" >> beam.Map(_count_in)
-                      | "steps" >> beam.FlatMap(apply_steps, list(steps)).with_outputs("errors", main="docs"))
+            mapped = (p | beam.Create([[dict(d) for d in docs]])
+                      | "steps" >> beam.FlatMap(process).with_outputs("stats", main="docs"))
             (apply_stages(mapped.docs, stages, cc_rounds)
              | "to json" >> beam.Map(lambda it: dumps_line({"order": it[0], "doc": it[1]}).rstrip("\n"))
              | "write" >> beam.io.WriteToText(os.path.join(tmp, "kept"), file_name_suffix=".jsonl"))
-        rows = [r for name in sorted(os.listdir(tmp)) for r in read_jsonl(os.path.join(tmp, name))]
-    return [r["doc"] for r in sorted(rows, key=lambda r: r["order"])], counters_of(p.result)
+            (mapped.stats | "stats json" >> beam.Map(lambda st: dumps_line(st).rstrip("\n"))
+             | "write stats" >> beam.io.WriteToText(os.path.join(tmp, "stats"), file_name_suffix=".json"))
+        rows = [r for name in sorted(os.listdir(tmp)) if name.startswith("kept")
+                for r in read_jsonl(os.path.join(tmp, name))]
+        stats = [r for name in sorted(os.listdir(tmp)) if name.startswith("stats")
+                 for r in read_jsonl(os.path.join(tmp, name))]
+    rep = report_mod.merge("docs", [s.name for s in steps], stats)
+    apply_to_report(rep, stage_results(counters_of(p.result), stages))
+    rep["cc_unconverged"] = counters_of(p.result).get("minhash:cc_unconverged", 0)
+    return [r["doc"] for r in sorted(rows, key=lambda r: r["order"])], rep

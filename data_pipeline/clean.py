@@ -29,8 +29,8 @@ Running a job has two phases, so the same plan can be run by other runners:
 2. *finalisation*: the per-shard stats are merged into ``report.json``, ``report.md`` and
    ``removals.png`` (data_pipeline/report.py) and the error files into ``errors.jsonl``.
 
-Corpus-level stages (dedup, decontamination, mixing: issue 4) belong between the two phases: they
-read the map phase's ``documents/`` and the merged stats, and add their own counts to the report.
+Corpus-level stages (dedup, decontamination: `stages:`) run between the two phases: they read the
+map phase's ``documents/`` and the merged stats, and add their own counts to the report.
 """
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ import os
 import sys
 import time
 import typing
-from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from data_pipeline import readers as R
-from data_pipeline.io import dumps_line
+from data_pipeline.io import dumps_line, local_path
+from data_pipeline.loop import ShardStats, process_records
 from data_pipeline.steps import Drop, Step, StepError, build_steps
 from pretrain.config import ConfigError, _build, read_yaml_mapping, unknown_key_error
 
@@ -101,7 +101,7 @@ class CleanConfig:
     strict: bool = False  # exit non-zero when any record went to errors.jsonl
     progress: bool = True  # a progress bar on stderr when it is a terminal
     # Corpus stages after the map phase (exact/url/lines/minhash dedup, decontamination, ...) and
-    # their options (memory_budget_mb, cc_rounds): data_pipeline/dedup/stages.py (issue 4).
+    # their options (memory_budget_mb, cc_rounds): data_pipeline/dedup/stages.py.
     stages: tuple[Any, ...] = ()
     stage_options: tuple[tuple[str, Any], ...] = ()
 
@@ -325,6 +325,32 @@ def _canon(obj: Any) -> Any:
     return repr(obj)
 
 
+def check_output_dir(cfg: CleanConfig) -> str:
+    """The job's output directory as its runner will write it: ``file://`` URLs become local paths;
+    a remote URL is refused up front unless the runner can write there (ConfigError naming it)."""
+    out = cfg.output.dir
+    local = local_path(out)
+    if local is not None:
+        return local
+    if cfg.runner == "local":
+        raise ConfigError(
+            f"output.dir={out!r}: the local runner writes to a local directory (files are renamed into place "
+            "so a killed job resumes); use --runner beam to write to a bucket, or write locally and copy")
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        FileSystems.get_filesystem(out)
+    except ValueError as e:
+        raise ConfigError(f"output.dir={out!r}: Beam cannot write there ({e})") from None
+    return out
+
+
+def check_runner(cfg: CleanConfig) -> None:
+    """Refuses a runner whose optional extra is not installed, in one line naming the extra."""
+    if cfg.runner == "beam" and importlib.util.find_spec("apache_beam") is None:
+        raise ConfigError("runner=beam needs the 'beam' extra: pip install 'danlu[beam]'")
+
+
 def plan(cfg: CleanConfig) -> Job:
     """Builds the steps and plans the shards; raises ConfigError/StepError before any document is read."""
     import_modules(cfg.imports)
@@ -332,8 +358,8 @@ def plan(cfg: CleanConfig) -> Job:
         raise ConfigError("inputs: the job has no input (set `inputs:` or pass --input)")
     if not cfg.output.dir:
         raise ConfigError("output.dir is not set (set it in the config or pass --output)")
-    if R.is_url(cfg.output.dir) and not cfg.output.dir.startswith("file://") and cfg.runner == "local":
-        raise ConfigError(f"output.dir={cfg.output.dir!r}: the local runner writes to a local directory")
+    check_runner(cfg)
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=check_output_dir(cfg)))
     steps = tuple(build_steps(list(cfg.steps), "steps"))
     if cfg.stages or cfg.stage_options:  # corpus stages: checked now, run after the map phase
         from data_pipeline.dedup.stages import check_stage_config
@@ -372,62 +398,6 @@ def plan(cfg: CleanConfig) -> Job:
 
 # ---------------------------------------------------------------------------------------------
 # Map phase: one shard
-
-
-def _empty_counts() -> dict:
-    return {"documents_in": 0, "documents_out": 0, "dropped": {}, "errors": 0, "bytes_in": 0, "bytes_out": 0,
-            "bytes_dropped": {}, "bytes_errors": 0, "bytes_edited": 0, "pii_redactions": {}}
-
-
-class ShardStats:
-    """Counts of one shard: overall, per source, per step, per error kind; a few examples per reason."""
-
-    def __init__(self, shard: R.Shard, step_names: list[str], examples_per_reason: int):
-        self.total = _empty_counts()
-        self.per_source: dict[str, dict] = {}
-        self.steps = [{"step": n, "documents_in": 0, "dropped": 0, "changed": 0} for n in step_names]
-        self.step_seconds = [0.0] * len(step_names)
-        self.error_kinds: Counter = Counter()
-        self.examples: dict[str, list] = {}
-        self.k = examples_per_reason
-        self.shard = shard
-
-    def _both(self, source: str) -> tuple[dict, dict]:
-        if source not in self.per_source:
-            self.per_source[source] = _empty_counts()
-        return self.total, self.per_source[source]
-
-    def read(self, source: str, nbytes: int) -> None:
-        for c in self._both(source):
-            c["documents_in"] += 1
-            c["bytes_in"] += nbytes
-
-    def kept(self, source: str, nbytes_in: int, nbytes_out: int, pii: dict | None = None) -> None:
-        for c in self._both(source):
-            c["documents_out"] += 1
-            c["bytes_out"] += nbytes_out
-            c["bytes_edited"] += nbytes_in - nbytes_out
-            for kind, n in (pii or {}).items():  # the `pii` step's replacements on this document
-                c["pii_redactions"][kind] = c["pii_redactions"].get(kind, 0) + n
-
-    def dropped(self, source: str, reason: str, nbytes: int, example: dict) -> None:
-        for c in self._both(source):
-            c["dropped"][reason] = c["dropped"].get(reason, 0) + 1
-            c["bytes_dropped"][reason] = c["bytes_dropped"].get(reason, 0) + nbytes
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < self.k:
-            ex.append(example)
-
-    def error(self, source: str, kind: str, nbytes: int) -> None:
-        for c in self._both(source):
-            c["errors"] += 1
-            c["bytes_errors"] += nbytes
-        self.error_kinds[kind] += 1
-
-    def to_dict(self) -> dict:
-        return {"shard": self.shard.index, "name": self.shard.name, "reader": self.shard.reader,
-                "source": self.shard.source, **self.total, "per_source": self.per_source, "steps": self.steps,
-                "error_kinds": dict(self.error_kinds), "examples": self.examples}
 
 
 class _JsonlPart:
@@ -547,70 +517,16 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
     rejected = (_PartWriter(os.path.join(out, REJECTED_DIR), shard.index, compression, cfg.output.docs_per_shard)
                 if cfg.output.rejected else None)
     err_final = os.path.join(out, STATE_DIR, f"errors-{shard.index:05d}.jsonl")
-    steps = job.steps
-    stats = ShardStats(shard, [s.name for s in steps], cfg.output.examples_per_reason)
-    counters: Counter = Counter()
-    source = shard.source
-    max_bytes = shard.options.max_doc_bytes
-
+    stats = ShardStats(shard, [s.name for s in job.steps], cfg.output.examples_per_reason)
     with open(_tmp_name(err_final), "w", encoding="utf-8") as errors:
-        def error(e: R.ReadError) -> None:
-            stats.error(source, e.kind, e.nbytes)
-            errors.write(dumps_line({"file": e.file, **e.location, "kind": e.kind, "reason": e.reason,
-                                     "source": source, "shard": shard.index, "raw": e.raw}))
-
-        for rec in _guarded(R.read_shard(shard, counters), shard):
-            if isinstance(rec, R.ReadError):
-                stats.read(source, rec.nbytes)
-                error(rec)
-                continue
-            if isinstance(rec, R.Skipped):
-                stats.read(source, rec.nbytes)
-                stats.dropped(source, rec.reason, rec.nbytes, {"file": rec.file, "bytes": rec.nbytes})
-                continue
-            doc = rec
-            n_in = R.doc_bytes(doc)
-            stats.read(source, n_in)
-            if n_in > max_bytes:
-                error(R.ReadError(shard.name, "too_large", f"document {doc['id']} of {n_in} bytes exceeds "
-                                  f"max_doc_bytes={max_bytes}", {"id": doc["id"]}, n_in, doc["text"][:100]))
-                continue
-            current, drop, failed = doc, None, None
-            for k, step in enumerate(steps):
-                stats.steps[k]["documents_in"] += 1
-                before = current.get("text")
-                t0 = time.perf_counter()
-                try:
-                    out_doc = step.apply(current)
-                except Exception as ex:  # noqa: BLE001 - one bad document must not end the job
-                    failed = f"{step.name}: {type(ex).__name__}: {ex}"
-                    break
-                finally:
-                    stats.step_seconds[k] += time.perf_counter() - t0
-                if isinstance(out_doc, Drop):
-                    stats.steps[k]["dropped"] += 1
-                    drop = out_doc
-                    break
-                if not isinstance(out_doc, dict) or not isinstance(out_doc.get("text"), str):
-                    failed = f"{step.name}: returned {type(out_doc).__name__} without a string `text`"
-                    break
-                after = out_doc["text"]
-                if after is not before and after != before:
-                    stats.steps[k]["changed"] += 1
-                current = out_doc
-            if failed is not None:
-                error(R.ReadError(shard.name, "step_failed", failed, {"id": doc["id"]}, n_in,
-                                  str(current.get("text", ""))[:100]))
-                continue
-            if drop is not None:  # the example and the rejected copy show what the dropping step saw
-                stats.dropped(source, drop.reason, n_in,
-                              {"id": current.get("id"), "source": source, "text": current["text"][:600]})
-                if rejected is not None:
-                    rejected.write({**current, "drop_reason": drop.reason})
-                continue
-            result = current
-            stats.kept(source, n_in, R.doc_bytes(result), result.get("pii_redactions"))
-            docs.write(result)
+        records = R.read_guarded(shard, stats.reader_counters)
+        for kind, obj in process_records(records, job.steps, shard, stats):
+            if kind == "doc":
+                docs.write(obj)
+            elif kind == "error":
+                errors.write(dumps_line(obj))
+            elif rejected is not None:
+                rejected.write(obj)
 
     # Commit: parts and errors renamed into place, then the marker. A kill before the marker
     # leaves files that the next attempt removes first (_remove_shard_files).
@@ -618,7 +534,6 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
     rejected_files = rejected.commit() if rejected is not None else []
     os.replace(_tmp_name(err_final), err_final)
     result = stats.to_dict()
-    result["reader_counters"] = dict(counters)
     result["files"] = [[os.path.relpath(p, out), n] for p, n in files]
     result["rejected_files"] = [[os.path.relpath(p, out), n] for p, n in rejected_files]
     result["fingerprint"] = job.fingerprint
@@ -626,14 +541,6 @@ def process_shard(job: Job, shard: R.Shard) -> dict:
     _write_atomic(_marker_path(out, shard.index), json.dumps(marker, ensure_ascii=False, sort_keys=True))
     result["step_seconds"] = stats.step_seconds
     return result
-
-
-def _guarded(records: Iterator, shard: R.Shard) -> Iterator:
-    """Passes records on; an unexpected exception from a reader ends the shard as one error."""
-    try:
-        yield from records
-    except Exception as e:  # noqa: BLE001 - a reader bug or an odd file must not end the job
-        yield R.ReadError(shard.name, "unreadable", f"reader failed: {type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,6 +729,12 @@ def main(args: argparse.Namespace) -> int:
           f"({rep['run']['shards_resumed']} resumed) in {rep['run']['wall_seconds']:.1f} s")
     print(f"documents in {os.path.join(job.output_dir, DOCUMENTS_DIR)}/, report in "
           f"{os.path.join(job.output_dir, 'report.md')}")
+    for warning in rep.get("warnings", []):
+        print(f"danlu clean: warning: {warning}", file=sys.stderr)
+    if n_in and rep["errors"] == n_in:
+        print(f"danlu clean: no record of any input could be read ({rep['errors']} errors, in "
+              f"{os.path.join(job.output_dir, ERRORS)})", file=sys.stderr)
+        return 1
     if rep["errors"] and cfg.strict:
         print(f"danlu clean: --strict: {rep['errors']} records went to {os.path.join(job.output_dir, ERRORS)}",
               file=sys.stderr)

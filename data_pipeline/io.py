@@ -222,3 +222,10 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             raise FileNotFoundError(f"input {item!r} matches no file")
         out.extend(found)
     return list(dict.fromkeys(out))
+
+
+def local_path(path: str) -> str | None:
+    """The local path a plain path or ``file://`` URL names; None for a remote URL (gs://, memory://)."""
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return None if "://" in path else path

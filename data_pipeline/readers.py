@@ -36,7 +36,7 @@ import os
 import posixpath
 import re
 from collections import Counter
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import fsspec
 
@@ -312,7 +312,7 @@ def decode_utf8(raw: bytes, mode: str, counters: Counter) -> str:
 def make_id(source: str, name: str, position: str | int) -> str:
     """A stable document id from the source label, the file's relative name and the position in it."""
     digest = hashlib.blake2b(f"{name}\0{position}".encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
-    return f"{source}-{digest}"
+    return f"{source}-{digest}" if source else digest
 
 
 def jsonable(value: Any) -> Any:
@@ -346,7 +346,8 @@ def _snippet(raw: bytes | str, n: int = 200) -> str:
 
 
 def _finish(doc: dict, shard: Shard, name: str, position: str | int, id_key: str = "id") -> dict:
-    """Sets `id` (kept, renamed from `id_key`, or generated) and `source` (the input's label)."""
+    """Sets `id` (kept, renamed from `id_key`, or generated) and `source` (the input's label; with no
+    label, as for the commands that read documents we wrote, the document's own `source` stays)."""
     if id_key != "id" and id_key in doc:
         doc["id"] = doc.pop(id_key)
     doc_id = doc.get("id")
@@ -354,7 +355,8 @@ def _finish(doc: dict, shard: Shard, name: str, position: str | int, id_key: str
         doc["id"] = make_id(shard.source, name, position)
     elif not isinstance(doc_id, str):
         doc["id"] = str(doc_id)
-    doc["source"] = shard.source
+    if shard.source or not isinstance(doc.get("source", ""), str):
+        doc["source"] = shard.source
     return doc
 
 
@@ -948,3 +950,47 @@ def doc_bytes(doc: dict) -> int:
     if isinstance(html, str):
         n += len(html.encode("utf-8", "surrogatepass"))
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The input layer of every command that reads documents
+
+
+def plan_inputs(inputs: Sequence[str], reader: str = "auto", source: str = "", options: Any = None,
+                where: str = "--input") -> list[Shard]:
+    """The shards of several inputs (paths, globs, directories or URLs), in argument order.
+
+    `reader` "auto" picks each input's reader from its suffix. `source` "" keeps each document's own
+    `source` field. `options` (the reader's options dataclass) defaults to the reader's defaults.
+    Raises InputError naming the input before any document is read.
+    """
+    shards: list[Shard] = []
+    for i, path in enumerate(inputs):
+        name = guess_reader(path) if reader == "auto" else reader
+        if name not in READERS:
+            raise InputError(f"{where}: unknown reader {name!r}; readers: {', '.join(READERS)}")
+        opts = options if options is not None else READERS[name].options()
+        shards.extend(plan_input(path, name, source, opts, i, f"{where} {path!r}"))
+    return [dataclasses.replace(s, index=k) for k, s in enumerate(shards)]
+
+
+def read_guarded(shard: Shard, counters: Counter | None = None) -> Iterator[Record]:
+    """`read_shard`, except that an unexpected exception from a reader ends the shard as one error
+    after the records already read (they are kept)."""
+    try:
+        yield from read_shard(shard, counters)
+    except Exception as e:  # noqa: BLE001 - a reader bug or an odd file must not end the job
+        yield ReadError(shard.name, "unreadable", f"reader failed: {type(e).__name__}: {e}")
+
+
+def read_inputs(shards: Sequence[Shard], counters: Counter | None = None) -> Iterator[tuple[Shard, Record]]:
+    """(shard, record) for every record of `shards`, in order; never raises on a bad record or file."""
+    for shard in shards:
+        for rec in read_guarded(shard, counters):
+            yield shard, rec
+
+
+def error_row(e: ReadError, **extra: Any) -> dict:
+    """The errors.jsonl row of a record set aside: file, line/row/offset, kind, reason, bytes, raw."""
+    return {"file": e.file, **e.location, "kind": e.kind, "reason": e.reason, "bytes": e.nbytes, **extra,
+            "raw": e.raw}

@@ -49,7 +49,7 @@ def merge(name: str, step_names: list[str], shards: list[dict], examples_per_rea
     error_kinds: dict[str, int] = {}
     counters: dict[str, int] = {}
     examples: dict[str, list] = {}
-    files, rejected = [], []
+    files, rejected, warnings = [], [], []
     for s in shards:
         _add(total, s)
         for src, c in s["per_source"].items():
@@ -65,6 +65,7 @@ def merge(name: str, step_names: list[str], shards: list[dict], examples_per_rea
         for reason, ex in s["examples"].items():
             have = examples.setdefault(reason, [])
             have.extend(ex[: max(0, examples_per_reason - len(have))])
+        warnings.extend(s.get("warnings", []))
         files.extend(s.get("files", []))
         rejected.extend(s.get("rejected_files", []))
     for st in steps:  # which reasons each step dropped for
@@ -84,6 +85,7 @@ def merge(name: str, step_names: list[str], shards: list[dict], examples_per_rea
     report["files"] = files
     report["rejected_files"] = rejected
     report["examples"] = {r: examples[r] for r in report["dropped"] if r in examples}
+    report["warnings"] = warnings
     return report
 
 
@@ -113,6 +115,8 @@ def to_markdown(r: dict) -> str:
               f"| cut from kept documents by steps | | {_mb(r['bytes_edited'])} |", "",
               f"Every record accounted for: **{'yes' if r['accounted'] else 'NO'}** "
               "(read = kept + dropped + errors, in documents and bytes, overall and per source).", ""]
+    if r.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in r["warnings"]] + [""]
     if r["dropped"]:
         lines += ["## Removed, by reason", "", "| reason | documents | % of read | MB |", "|---|---:|---:|---:|"]
         lines += [f"| `{k}` | {v:,} | {_pct(v, n)} | {_mb(r['bytes_dropped'].get(k, 0))} |"

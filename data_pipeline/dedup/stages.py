@@ -225,12 +225,6 @@ def _read(files: list[str]) -> Iterator[dict]:
         yield from dio.read_jsonl(path)
 
 
-def _doc_bytes(doc: dict) -> int:
-    from data_pipeline.readers import doc_bytes
-
-    return doc_bytes(doc)
-
-
 def run_stages(stages: list[CorpusStage], files: list[str], out_dir: str, ctx: StageContext = StageContext(),
                examples_per_reason: int = 3) -> dict:
     """Runs `stages` over the documents of `files` (in order); writes one file per input file
@@ -238,10 +232,11 @@ def run_stages(stages: list[CorpusStage], files: list[str], out_dir: str, ctx: S
     "per_source": {source: {"dropped": {reason: n}, "bytes_dropped": {...}, "bytes_edited": n}},
     "examples": {reason: [...]}}.
     """
+    from data_pipeline.loop import ShardStats, doc_bytes
+
     os.makedirs(out_dir, exist_ok=True)
     current = list(files)
-    per_source: dict[str, dict] = {}
-    examples: dict[str, list] = {}
+    tally = ShardStats(None, [], examples_per_reason)  # drops and edits per source, examples per reason
     stage_stats = []
     for k, stage in enumerate(stages):
         step_dir = os.path.join(out_dir, f".stage-{k}") if k < len(stages) - 1 else out_dir
@@ -262,18 +257,14 @@ def run_stages(stages: list[CorpusStage], files: list[str], out_dir: str, ctx: S
                     out = decide(i, doc)
                     i += 1
                     src = str(doc.get("source", ""))
-                    ps = per_source.setdefault(src, {"dropped": {}, "bytes_dropped": {}, "bytes_edited": 0})
                     if isinstance(out, Drop):
                         st["dropped"][out.reason] = st["dropped"].get(out.reason, 0) + 1
-                        ps["dropped"][out.reason] = ps["dropped"].get(out.reason, 0) + 1
-                        ps["bytes_dropped"][out.reason] = ps["bytes_dropped"].get(out.reason, 0) + _doc_bytes(doc)
-                        ex = examples.setdefault(out.reason, [])
-                        if len(ex) < examples_per_reason:
-                            ex.append({"id": doc.get("id"), "source": src, "text": doc["text"][:600]})
+                        tally.dropped(src, out.reason, doc_bytes(doc),
+                                      {"id": doc.get("id"), "source": src, "text": doc["text"][:600]})
                         continue
                     if out.get("text") != doc["text"]:
                         st["changed"] += 1
-                        ps["bytes_edited"] += _doc_bytes(doc) - _doc_bytes(out)
+                        tally.edited(src, doc_bytes(doc) - doc_bytes(out))
                     st["documents_out"] += 1
                     w.write(out)
             os.replace(tmp, target)
@@ -287,8 +278,10 @@ def run_stages(stages: list[CorpusStage], files: list[str], out_dir: str, ctx: S
         stage_stats.append(st)
     if os.path.isdir(os.path.join(out_dir, ".spill")):
         shutil.rmtree(os.path.join(out_dir, ".spill"), ignore_errors=True)
+    per_source = {src: {k: c[k] for k in ("dropped", "bytes_dropped", "bytes_edited")}
+                  for src, c in tally.per_source.items()}
     return {"files": current, "file_counts": counts if stages else [], "stages": stage_stats,
-            "per_source": per_source, "examples": examples}
+            "per_source": per_source, "examples": tally.examples}
 
 
 def _suffix(path: str) -> str:
