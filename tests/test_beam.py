@@ -162,3 +162,32 @@ def test_danlu_clean_local_and_beam_keep_the_same_documents(corpus, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert main(["clean", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "x"), "--no-progress"]) == 2
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_a_reader_failing_mid_shard_keeps_what_it_read_on_both_runners(tmp_path, monkeypatch):
+    """A reader that raises after three documents: both runners keep those three and set the
+    failure aside as one `unreadable` row (Beam used to replace the whole shard by the error)."""
+    import json
+
+    import yaml
+
+    from data_pipeline import readers as R
+    from pretrain.cli import main
+
+    def flaky(shard, counters):
+        for i in range(3):
+            yield R._finish({"text": f"document number {i} " * 5}, shard, "x", i)
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setitem(R.READERS, "jsonl", dataclasses.replace(R.READERS["jsonl"], read=flaky))
+    dio.write_jsonl(str(tmp_path / "a.jsonl"), [{"id": "unused", "text": "never read"}])
+    job = {"name": "t", "inputs": [{"path": str(tmp_path / "a.jsonl"), "reader": "jsonl"}], "steps": [],
+           "workers": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    for out, extra in ((tmp_path / "local", []), (tmp_path / "beam", ["--runner", "beam"])):
+        assert main(["clean", str(tmp_path / "job.yaml"), "--output", str(out), "--no-progress", *extra]) == 0
+        assert len(_documents(out)) == 3, extra
+        rows = [json.loads(line) for line in open(out / "errors.jsonl")]
+        assert [(r["kind"], "disk went away" in r["reason"]) for r in rows] == [("unreadable", True)]
+        rep = json.loads((out / "report.json").read_text())
+        assert (rep["documents_in"], rep["documents_out"], rep["errors"]) == (4, 3, 1)
