@@ -36,7 +36,8 @@ from data_pipeline.filters.c4 import C4  # noqa: E402
 from data_pipeline.filters.fineweb import FineWeb  # noqa: E402
 from data_pipeline.filters.gopher import GopherQuality, GopherRepetition  # noqa: E402
 from data_pipeline.filters.language import Language  # noqa: E402
-from data_pipeline.steps import Drop, run_steps  # noqa: E402
+from data_pipeline import readers as R  # noqa: E402
+from data_pipeline.loop import ShardStats, process_records  # noqa: E402
 
 DEFAULT_CORPUS = os.path.join(os.environ.get("TMPDIR", "/tmp"), "danlu_clean_corpus.jsonl")
 
@@ -46,11 +47,13 @@ def run_ours(docs: list[dict], with_language: bool) -> tuple[list, float]:
     steps = [GopherQuality(), GopherRepetition(), C4(), FineWeb()]
     if with_language:
         steps.insert(0, Language(languages=("en",), min_score=0.65))
+    # The loop both runners use (counting included), over the documents as one in-memory shard.
+    shard = R.Shard(0, "memory", "", (("<bench corpus>", ""),), R.CommonOptions())
+    stats = ShardStats(shard, [s.name for s in steps])
     out = []
     t0 = time.process_time()
-    for d in docs:
-        r = run_steps(steps, d)
-        out.append((False, r.reason, None) if isinstance(r, Drop) else (True, None, r["text"]))
+    for kind, d in process_records(docs, steps, shard, stats):
+        out.append((True, None, d["text"]) if kind == "doc" else (False, d.get("drop_reason") or d["reason"], None))
     return out, time.process_time() - t0
 
 

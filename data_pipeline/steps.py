@@ -143,16 +143,6 @@ def build_steps(specs: list, where: str = "steps") -> list[Step]:
     return [build_step(spec, f"{where}[{i}]") for i, spec in enumerate(specs)]
 
 
-def run_steps(steps: list[Step], doc: dict) -> dict | Drop:
-    """Applies the steps in order; stops at the first Drop."""
-    for step in steps:
-        out = step.apply(doc)
-        if isinstance(out, Drop):
-            return out
-        doc = out
-    return doc
-
-
 def require(condition: bool, message: str) -> None:
     """For `Step.check`: raises StepError(message) unless condition holds."""
     if not condition:
