@@ -346,9 +346,10 @@ def check_output_dir(cfg: CleanConfig) -> str:
 
 
 def check_runner(cfg: CleanConfig) -> None:
-    """Refuses a runner whose optional extra is not installed, in one line naming the extra."""
+    """Refuses, before any work, a runner whose optional extra is not installed (the command line
+    turns the ModuleNotFoundError into one line naming the extra)."""
     if cfg.runner == "beam" and importlib.util.find_spec("apache_beam") is None:
-        raise ConfigError("runner=beam needs the 'beam' extra: pip install 'danlu[beam]'")
+        raise ModuleNotFoundError("runner=beam needs apache_beam (the 'beam' extra)", name="apache_beam")
 
 
 def plan(cfg: CleanConfig) -> Job:

@@ -1,141 +1,173 @@
-"""JSON Lines documents: reading, writing, validating (plain, .gz, .zst).
+"""Bytes and files: local paths and fsspec URLs, (de)compression by suffix, JSON Lines writing.
+
+The layer under `data_pipeline.readers`, which turns files into documents:
+
+- `open_input(path)` opens a local path or URL (``gs://``, ``memory://``, ``file://``) for binary
+  reading, decompressed by suffix (.gz, .zst/.zstd, .bz2, .xz). A truncated compressed stream
+  raises EOFError while reading, never a silent end of file; a damaged one one of STREAM_ERRORS.
+- `open_output(path)` opens one for writing, compressed by suffix; a local path's parent
+  directories are created, a remote URL is written through fsspec. `write_text` writes a small
+  file that way; `local_path` says whether a path or URL names a local file.
+- `JsonlWriter` / `write_jsonl` write one JSON object per line, byte-deterministically: keys keep
+  their order, gzip headers carry no timestamp or file name, so the same objects give the same file.
+- `read_jsonl` is the strict reader of JSONL files we wrote ourselves: it raises on the first bad
+  line. Corpora are read with `readers.plan_inputs` + `readers.read_inputs`, which never die on a
+  bad record.
 
 The document contract (docs/DESIGN.md): one JSON object per line,
 ``{"id": str, "text": str, "source": str, ...}``; unknown fields are kept.
-
-Reading never dies on one bad line: `iter_jsonl` yields a `JsonlLine` that carries
-either the parsed object or the reason it could not be parsed, with file and line
-number, so a job can count it, set it aside and go on. `read_jsonl` is the strict
-variant for inputs we wrote ourselves.
-
-Writing is byte-deterministic: keys keep their order, gzip headers carry no
-timestamp or file name, so the same documents give the same file.
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
+import bz2
 import gzip
 import io
 import json
+import lzma
 import os
-from typing import Any, BinaryIO, Iterable, Iterator
+import zlib
+from typing import IO, Any, BinaryIO, Iterable, Iterator
 
-try:  # optional: .zst support only when the `zstandard` package is installed
-    import zstandard
-except ImportError:  # pragma: no cover - depends on the environment
-    zstandard = None
+import fsspec
+import zstandard
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
+# Compressed-file suffixes and the codec each one means.
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+JSONL_SUFFIXES = tuple(base + c for base in (".jsonl", ".json", ".ndjson") for c in ("", *COMPRESSIONS))
+# What reading a compressed stream raises when it is cut short (EOFError) or damaged.
+STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def compression_of(path: str) -> str | None:
-    """'gzip', 'zstd' or None, from the file name."""
-    if path.endswith(".gz"):
-        return "gzip"
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        return "zstd"
+    """'gzip', 'zstd', 'bz2', 'xz' or None, from the file name."""
+    for suffix, kind in COMPRESSIONS.items():
+        if path.endswith(suffix):
+            return kind
     return None
 
 
-def _require_zstandard(path: str) -> None:
-    if zstandard is None:
-        raise ImportError(
-            f"{path}: reading/writing .zst needs the 'zstandard' package (pip install zstandard)"
-        )
+def is_url(path: str) -> bool:
+    return "://" in path
 
 
-def open_binary(path: str, mode: str = "rb") -> BinaryIO:
-    """Opens `path` for binary reading ('rb') or writing ('wb'), (de)compressing by suffix."""
-    if mode not in ("rb", "wb"):
-        raise ValueError(f"mode must be 'rb' or 'wb', got {mode!r}")
-    kind = compression_of(path)
-    if kind == "gzip":
-        if mode == "rb":
-            return gzip.open(path, "rb")
-        # mtime=0 and no file name in the header: identical input gives identical bytes.
-        raw = open(path, "wb")
-        return _ClosingGzip(raw)
-    if kind == "zstd":
-        _require_zstandard(path)
-        if mode == "rb":
-            # Buffered: zstandard's reader is not line-iterable (iter_jsonl reads lines).
-            return io.BufferedReader(zstandard.open(path, "rb"))
-        return zstandard.open(path, "wb", cctx=zstandard.ZstdCompressor(level=10))
-    return open(path, mode)
+def local_path(path: str) -> str | None:
+    """The local path a plain path or ``file://`` URL names; None for a remote URL (gs://, memory://)."""
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return None if is_url(path) else path
 
 
-class _ClosingGzip(gzip.GzipFile):
-    """GzipFile over an owned raw file that is closed with it (gzip.GzipFile won't)."""
+def require_local(path: str, flag: str, what: str) -> str:
+    """The local path of `path`; a remote URL raises ValueError naming `flag` and what to do instead."""
+    local = local_path(path)
+    if local is None:
+        raise ValueError(f"{flag} {path}: {what} can only be written to a local directory; write to one, "
+                         f"then copy (e.g. gcloud storage cp -r LOCAL_DIR {path})")
+    return local
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (multi-frame) zstd stream; raises EOFError when the last frame is cut short.
+
+    `zstandard`'s stream reader returns a clean end of file on a truncated frame, which would
+    silently lose the tail; this reader feeds a fresh decompressobj per frame and checks `eof`.
+    """
 
     def __init__(self, raw: BinaryIO):
-        super().__init__(filename="", mode="wb", fileobj=raw, mtime=0)
         self._raw = raw
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its last frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                try:
+                    self._pending += self._dobj.decompress(chunk)
+                except zstandard.ZstdError as e:
+                    raise OSError(f"corrupt zstd stream: {e}") from None
+                if self._dobj.eof:  # a frame ended; what follows starts the next one
+                    chunk = self._dobj.unused_data
+                    self._dobj = zstandard.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+                else:
+                    chunk = b""
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
     def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._raw.close()
+        self._raw.close()
+        super().close()
 
 
-def open_text(path: str, mode: str = "rt", encoding: str = "utf-8") -> io.TextIOBase:
-    """Text-mode counterpart of `open_binary` ('rt' or 'wt'); newlines are not translated."""
-    if mode not in ("rt", "wt"):
-        raise ValueError(f"mode must be 'rt' or 'wt', got {mode!r}")
-    return io.TextIOWrapper(open_binary(path, mode[0] + "b"), encoding=encoding, newline="")
+# fsspec's names of the stdlib codecs, for remote files (fsspec's GzipFile, BZ2File and LZMAFile
+# raise EOFError on a cut stream like the stdlib's, and its file closes every layer).
+_FSSPEC_CODEC = {"gzip": "gzip", "bz2": "bz2", "xz": "xz"}
 
 
-@dataclasses.dataclass(frozen=True)
-class JsonlLine:
-    """One non-blank line of a JSONL file.
+def open_input(path: str) -> BinaryIO:
+    """Opens a local path or URL for binary reading, decompressing by suffix (.gz, .zst, .bz2, .xz).
 
-    Exactly one of `obj` and `error` is set. `line` is 1-based; `raw` is the line's text
-    (invalid UTF-8 replaced), kept so a bad line can be written aside for inspection.
+    A truncated compressed stream raises EOFError while reading (never a silent end of file); the
+    result is buffered (``peek``, ``readline``). A missing file raises FileNotFoundError.
     """
-
-    path: str
-    line: int
-    obj: dict | None
-    error: str | None
-    raw: str
-
-
-def iter_jsonl(path: str) -> Iterator[JsonlLine]:
-    """Yields every non-blank line of `path` as a `JsonlLine`; never raises on a bad line.
-
-    Lines are split on b"\\n" only (not on U+2028 etc.), and decoded one at a time so
-    one line of invalid UTF-8 does not end the file. A line that is valid JSON but
-    not an object is an error too. Missing files raise FileNotFoundError.
-    """
-    with open_binary(path, "rb") as f:
-        for line_no, raw_bytes in enumerate(f, start=1):
-            if not raw_bytes.strip():
-                continue  # blank lines (often a trailing one) are not records
-            try:
-                raw = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield JsonlLine(path, line_no, None, f"invalid UTF-8: {e.reason} at byte {e.start}",
-                                raw_bytes.decode("utf-8", errors="replace").rstrip("\r\n"))
-                continue
-            raw = raw.rstrip("\r\n")
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                yield JsonlLine(path, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})", raw)
-                continue
-            if not isinstance(obj, dict):
-                yield JsonlLine(path, line_no, None, f"not a JSON object: {type(obj).__name__}", raw)
-                continue
-            yield JsonlLine(path, line_no, obj, None, raw)
+    kind = compression_of(path)
+    local = local_path(path)
+    if kind == "zstd":
+        raw = open(local, "rb") if local is not None else fsspec.open(path, "rb").open()
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 16)
+    if local is None:
+        f = fsspec.open(path, "rb", compression=_FSSPEC_CODEC.get(kind)).open()
+        return f if kind or isinstance(f, io.BufferedReader) else io.BufferedReader(f, buffer_size=1 << 16)
+    # The stdlib's readers are buffered themselves (peek, readline, read1); another BufferedReader on
+    # top would fill its buffer with several reads and lose the bytes before a truncation.
+    if kind == "gzip":
+        return gzip.GzipFile(local, "rb")
+    if kind == "bz2":
+        return bz2.BZ2File(local, "rb")
+    if kind == "xz":
+        return lzma.LZMAFile(local, "rb")
+    return open(local, "rb")
 
 
 def read_jsonl(path: str) -> Iterator[dict]:
-    """Yields the objects of `path`; raises ValueError naming file and line on the first bad line."""
-    for rec in iter_jsonl(path):
-        if rec.error is not None:
-            raise ValueError(f"{rec.path}:{rec.line}: {rec.error}")
-        yield rec.obj
+    """Yields the objects of a JSONL file we wrote ourselves (strict).
+
+    Raises ValueError naming file and line on the first line that is not a JSON object (invalid
+    UTF-8 or JSON, another JSON value) and on a truncated or damaged stream. Blank lines are skipped.
+    """
+    line_no = 0
+    with open_input(path) as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid UTF-8: {e.reason} at byte {e.start}") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{line_no}: not a JSON object: {type(obj).__name__}")
+                yield obj
+        except STREAM_ERRORS as e:
+            raise ValueError(f"{path}:{line_no + 1}: stream ended early or is damaged: {e}") from None
 
 
 def document_error(obj: dict) -> str | None:
@@ -156,22 +188,79 @@ def document_error(obj: dict) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class _ClosingGzip(gzip.GzipFile):
+    """GzipFile over an owned raw file that is closed with it (gzip.GzipFile won't)."""
+
+    def __init__(self, raw: BinaryIO):
+        # mtime=0 and no file name in the header: identical input gives identical bytes.
+        super().__init__(filename="", mode="wb", fileobj=raw, mtime=0)
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def makedirs(path: str) -> None:
+    """Creates a local directory and its parents; nothing for a remote URL (object stores have none)."""
+    local = local_path(path)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+
+
+def open_output(path: str, mode: str = "wb") -> IO:
+    """Opens a local path or URL for writing, binary ('wb') or UTF-8 text ('wt', newlines kept),
+    compressed by suffix (.gz, .zst, .bz2, .xz). A local path's parent directories are created."""
+    if mode not in ("wb", "wt"):
+        raise ValueError(f"mode must be 'wb' or 'wt', got {mode!r}")
+    if mode == "wt":
+        return io.TextIOWrapper(open_output(path, "wb"), encoding="utf-8", newline="")
+    kind = compression_of(path)
+    local = local_path(path)
+    if local is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        if kind == "bz2":
+            return bz2.BZ2File(local, "wb")
+        if kind == "xz":
+            return lzma.LZMAFile(local, "wb")
+        raw = open(local, "wb")
+    elif kind in ("bz2", "xz"):
+        return fsspec.open(path, "wb", compression=_FSSPEC_CODEC[kind]).open()
+    else:
+        raw = fsspec.open(path, "wb").open()
+    if kind == "gzip":
+        return _ClosingGzip(raw)
+    if kind == "zstd":
+        return zstandard.open(raw, "wb", cctx=zstandard.ZstdCompressor(level=10), closefd=True)
+    return raw
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` (UTF-8) to a local path or URL, compressed by suffix; parents are created."""
+    with open_output(path, "wt") as f:
+        f.write(text)
+
+
 def dumps_line(obj: Any) -> str:
     """One JSONL line (with trailing newline); non-ASCII kept as UTF-8, key order kept."""
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")) + "\n"
 
 
 class JsonlWriter:
-    """Writes objects one per line to `path` (compressed by suffix); use as a context manager.
+    """Writes objects one per line to a local path or URL (compressed by suffix); use as a context manager.
 
-    Parent directories are created. `count` is the number of objects written.
+    Parent directories of a local path are created. `count` is the number of objects written.
     """
 
     def __init__(self, path: str):
         self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self._f = open_text(path, "wt")
+        self._f = open_output(path, "wt")
         self.count = 0
 
     def write(self, obj: Any) -> None:
@@ -194,38 +283,3 @@ def write_jsonl(path: str, objs: Iterable[Any]) -> int:
         for obj in objs:
             w.write(obj)
         return w.count
-
-
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files named by `inputs`: plain paths as given, globs and directories expanded, sorted.
-
-    A directory contributes its JSONL files (suffixes in `JSONL_SUFFIXES`), recursively.
-    Order of the arguments is kept; duplicates are dropped (first wins). Raises
-    FileNotFoundError naming any argument that matches nothing.
-    """
-    out: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if name.endswith(JSONL_SUFFIXES)
-            )
-        elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        elif os.path.isfile(item):
-            found = [item]
-        else:
-            found = []
-        if not found:
-            raise FileNotFoundError(f"input {item!r} matches no file")
-        out.extend(found)
-    return list(dict.fromkeys(out))
-
-
-def local_path(path: str) -> str | None:
-    """The local path a plain path or ``file://`` URL names; None for a remote URL (gs://, memory://)."""
-    if path.startswith("file://"):
-        return path[len("file://"):] or "/"
-    return None if "://" in path else path

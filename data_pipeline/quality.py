@@ -7,9 +7,10 @@ documents survive but some low-scoring ones do too.
 
 Here: `HashingVectorizer` (word 1- and 2-grams by default, 2^20 features, no state to fit) and
 scikit-learn's `LogisticRegression`. Train with positives (a reference corpus) against negatives
-(raw crawl), both JSONL; a deterministic held-out split by hash of the document id gives the
-accuracy. The saved model is two files: ``<path>.npz`` (coefficients, intercept) and
-``<path>.json`` (vectoriser settings, metrics), read back with numpy and json only.
+(raw crawl), both read by `readers` (JSONL, Parquet, WET; records that cannot be read are counted
+and skipped); a deterministic held-out split by hash of the document id gives the accuracy. The
+saved model is two files: ``<path>.npz`` (coefficients, intercept) and ``<path>.json``
+(vectoriser settings, metrics), read back with numpy and json only.
 
 Filtering (the step ``quality``): the score (probability of "reference-like") is written to the
 document as ``quality_score``; ``rule: pareto`` keeps a document iff
@@ -17,19 +18,28 @@ document as ``quality_score``; ``rule: pareto`` keeps a document iff
 the order or the number of workers), ``rule: threshold`` keeps it iff ``score >= threshold``.
 
     danlu quality train --positive books.jsonl --negative crawl.jsonl --output models/quality
+    danlu quality score --model models/quality --input crawl/ --output scored.jsonl
+
+`score` writes the documents with ``quality_score`` and, next to them, ``<output>.errors.jsonl``
+(``scored.errors.jsonl`` here): one row per record that could not be read (file,
+line/row/offset, kind, reason, bytes, raw snippet).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import sys
+from collections import Counter
 from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
 from data_pipeline import io as dio
+from data_pipeline import readers as R
 from data_pipeline.steps import Drop, Step, StepError, register, require
 
 FORMAT = "danlu.quality_classifier"
@@ -65,16 +75,15 @@ class QualityModel:
         return 1.0 / (1.0 + np.exp(-z))
 
     def save(self, path: str) -> None:
-        """Writes `path`.npz and `path`.json (byte-identical for the same model)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        """Writes `path`.npz and `path`.json (byte-identical for the same model); `path` may be a URL."""
         nz = np.flatnonzero(self.coef)
-        with open(path + ".npz", "wb") as f:  # sparse: most hashed features never occur
-            np.savez(f, index=nz.astype(np.int64), value=self.coef[nz])
+        buf = io.BytesIO()  # zipfile seeks back while writing, which object-store files cannot
+        np.savez(buf, index=nz.astype(np.int64), value=self.coef[nz])  # sparse: most hashed features never occur
+        with dio.open_output(path + ".npz") as f:
+            f.write(buf.getvalue())
         meta = {"format": FORMAT, "version": 1, "intercept": self.intercept,
                 "vectorizer": dataclasses.asdict(self.vec), "metrics": self.metrics}
-        with open(path + ".json", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.write("\n")
+        dio.write_text(path + ".json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str) -> "QualityModel":
@@ -96,16 +105,15 @@ class QualityModel:
         return cls(coef, meta["intercept"], vec, meta.get("metrics"))
 
 
-def _texts(paths: Sequence[str], limit: int | None) -> tuple[list[str], list[str]]:
+def _texts(inputs: Sequence[str], limit: int | None, flags: R.InputFlags,
+           errors: list) -> tuple[list[str], list[str]]:
+    """Texts and ids of the first `limit` documents; records that cannot be read go to `errors`."""
     texts, ids = [], []
-    for path in dio.expand_inputs(paths):
-        for rec in dio.iter_jsonl(path):
-            if rec.error is not None or dio.document_error(rec.obj) is not None:
-                continue  # the classifier trains on what it can read; bad lines are skipped
-            texts.append(rec.obj["text"])
-            ids.append(rec.obj["id"])
-            if limit is not None and len(texts) >= limit:
-                return texts, ids
+    for _, doc in R.read_documents(flags.plan(inputs), errors):
+        texts.append(doc["text"])
+        ids.append(doc["id"])
+        if limit is not None and len(texts) >= limit:
+            break
     return texts, ids
 
 
@@ -116,16 +124,19 @@ def _is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
 
 def train(positive: Sequence[str], negative: Sequence[str], *, vec: VectorizerConfig = VectorizerConfig(),
           c: float = 1.0, heldout: float = 0.1, seed: int = 0, max_docs: int | None = None,
-          max_iter: int = 1000) -> QualityModel:
-    """Fits the classifier on positive (label 1) vs negative (label 0) JSONL documents.
+          max_iter: int = 1000, flags: R.InputFlags = R.InputFlags()) -> QualityModel:
+    """Fits the classifier on positive (label 1) vs negative (label 0) documents (read with `flags`).
 
     The held-out share (by hash of id) gives `metrics["heldout_accuracy"]`; the model is then
-    the one fitted on the training part. lbfgs on a fixed input order: deterministic.
+    the one fitted on the training part. lbfgs on a fixed input order: deterministic. Records
+    that cannot be read are skipped and counted in `metrics["errors"]`.
     """
     from sklearn.linear_model import LogisticRegression
 
-    pos, pos_ids = _texts(positive, max_docs)
-    neg, neg_ids = _texts(negative, max_docs)
+    pos_errors: list[dict] = []
+    neg_errors: list[dict] = []
+    pos, pos_ids = _texts(positive, max_docs, flags, pos_errors)
+    neg, neg_ids = _texts(negative, max_docs, flags, neg_errors)
     if not pos or not neg:
         raise ValueError(f"need documents on both sides: {len(pos)} positive, {len(neg)} negative")
     texts = pos + neg
@@ -137,6 +148,7 @@ def train(positive: Sequence[str], negative: Sequence[str], *, vec: VectorizerCo
     clf = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
     clf.fit(x[~held], y[~held])
     metrics = {"positive": len(pos), "negative": len(neg), "train": int((~held).sum()), "heldout": int(held.sum()),
+               "errors": {"positive": len(pos_errors), "negative": len(neg_errors)},
                "train_accuracy": float(clf.score(x[~held], y[~held]))}
     if held.any():
         metrics["heldout_accuracy"] = float(clf.score(x[held], y[held]))
@@ -217,39 +229,87 @@ class QualityFilter(Step):
         self.__dict__.update(state)
 
 
+def errors_path(output: str) -> str:
+    """Where `score` writes the records it could not read: "dir/x.jsonl.gz" -> "dir/x.errors.jsonl"."""
+    stem = output
+    for suffix in sorted(dio.JSONL_SUFFIXES, key=len, reverse=True):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return stem + ".errors.jsonl"
+
+
+def score_files(model: QualityModel, inputs: Sequence[str], output: str, *, batch_size: int = 1024,
+                flags: R.InputFlags = R.InputFlags()) -> dict:
+    """Writes the documents of `inputs` with `quality_score` to `output` (a JSONL path or URL), and
+    the records that could not be read to `errors_path(output)`; returns the counts:
+    documents_in (every record read) = documents_out + sum(dropped) + errors."""
+    shards = flags.plan(inputs)
+    errors: list[dict] = []
+    dropped: Counter = Counter()
+    with dio.JsonlWriter(output) as w:
+        batch: list[dict] = []
+        for _, doc in R.read_documents(shards, errors, dropped):
+            batch.append(doc)
+            if len(batch) == batch_size:
+                _write_scored(w, model, batch)
+                batch = []
+        _write_scored(w, model, batch)
+        written = w.count
+    dio.write_jsonl(errors_path(output), errors)
+    return {"documents_in": written + sum(dropped.values()) + len(errors), "documents_out": written,
+            "dropped": dict(sorted(dropped.items())), "errors": len(errors),
+            "error_kinds": dict(sorted(Counter(e["kind"] for e in errors).items())), "errors_path": errors_path(output)}
+
+
+def _write_scored(w: dio.JsonlWriter, model: QualityModel, docs: list[dict]) -> None:
+    if docs:
+        for doc, sc in zip(docs, model.score([d["text"] for d in docs])):
+            w.write({**doc, "quality_score": round(float(sc), 6)})
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
-    t = sub.add_parser("train", help="train on reference (positive) vs crawl (negative) JSONL")
-    t.add_argument("--positive", nargs="+", required=True, help="reference corpus: JSONL files/dirs/globs")
-    t.add_argument("--negative", nargs="+", required=True, help="raw crawl: JSONL files/dirs/globs")
-    t.add_argument("--output", required=True, help="model path prefix; writes PREFIX.npz and PREFIX.json")
+    t = sub.add_parser("train", help="train on reference (positive) vs crawl (negative) documents")
+    t.add_argument("--positive", nargs="+", required=True, help="reference corpus: files/dirs/globs/URLs")
+    t.add_argument("--negative", nargs="+", required=True, help="raw crawl: files/dirs/globs/URLs")
+    t.add_argument("--output", required=True, help="model path prefix (or URL); writes PREFIX.npz and PREFIX.json")
     t.add_argument("--heldout", type=float, default=0.1, help="held-out share by hash of id (default 0.1)")
     t.add_argument("--max-docs", type=int, default=None, help="at most this many documents per side")
     t.add_argument("--features", type=int, default=1 << 20, help="hashed features (default 2^20)")
     t.add_argument("--ngram", type=int, default=2, help="word n-grams 1..N (default 2)")
     t.add_argument("--c", type=float, default=1.0, help="inverse regularisation strength (default 1)")
     t.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("score", help="score JSONL documents; writes them with quality_score")
+    R.add_input_arguments(t)
+    s = sub.add_parser("score", help="score documents; writes them with quality_score")
     s.add_argument("--model", required=True)
-    s.add_argument("--input", nargs="+", required=True)
-    s.add_argument("--output", required=True, help="JSONL file")
+    s.add_argument("--input", nargs="+", required=True, help="documents: files/dirs/globs/URLs (JSONL, Parquet, WET)")
+    s.add_argument("--output", required=True,
+                   help="JSONL file or URL; records that cannot be read go to OUTPUT's name + .errors.jsonl")
+    R.add_input_arguments(s)
 
 
 def main(args: argparse.Namespace) -> int:
+    """Runs `danlu quality train|score`; returns the exit code (2: bad flags or inputs, before any work)."""
+    flags = R.InputFlags.from_args(args)
+    try:
+        for inputs in ((args.positive, args.negative) if args.action == "train" else (args.input,)):
+            flags.plan(inputs)
+        model = QualityModel.load(args.model) if args.action == "score" else None
+    except (FileNotFoundError, ValueError) as e:
+        print(f"danlu quality {args.action}: error: {e}", file=sys.stderr)
+        return 2
     if args.action == "train":
         model = train(args.positive, args.negative, vec=VectorizerConfig(args.features, args.ngram),
-                      c=args.c, heldout=args.heldout, seed=args.seed, max_docs=args.max_docs)
+                      c=args.c, heldout=args.heldout, seed=args.seed, max_docs=args.max_docs, flags=flags)
         model.save(args.output)
         print(json.dumps(model.metrics))
         print(f"wrote {args.output}.npz, {args.output}.json")
         return 0
-    model = QualityModel.load(args.model)
-    with dio.JsonlWriter(args.output) as w:
-        for path in dio.expand_inputs(args.input):
-            batch = [d for d in dio.read_jsonl(path)]
-            for doc, sc in zip(batch, model.score([d["text"] for d in batch]) if batch else []):
-                w.write({**doc, "quality_score": round(float(sc), 6)})
+    counts = score_files(model, args.input, args.output, flags=flags)
+    print(f"{counts['documents_in']} records in, {counts['documents_out']} scored, "
+          f"{sum(counts['dropped'].values())} dropped, {counts['errors']} errors -> {counts['errors_path']}")
     print(f"wrote {args.output}")
     return 0

@@ -8,18 +8,24 @@ read; `read_shard` then yields, in a deterministic order, one of
 
 - a document: a ``dict`` with at least ``id`` (stable: kept from the input or derived from the
   source, the file and the position in it), ``text`` and ``source``, plus every other field;
-- a `ReadError`: a record that could not be read (malformed JSON, invalid UTF-8, a truncated
-  compressed stream, an empty or binary file, a record over ``max_doc_bytes``), with the file and
-  line/row/offset, so the runner can count it and write it to ``errors.jsonl``;
+- a `ReadError`: a record that could not be read (malformed JSON, a NUL byte, invalid UTF-8, a
+  truncated compressed stream, an empty or binary file, a record over ``max_doc_bytes``), with the
+  file and line/row/offset, so the runner can count it and write it to ``errors.jsonl``;
 - a `Skipped`: a record the reader removes on purpose (a vendored, binary or oversized file in a
   code tree, a non-HTML WARC response), counted as a drop with its reason.
 
-Readers: ``jsonl`` (.jsonl/.json/.ndjson, plain, .gz or .zst), ``parquet`` (batched, text column
+Readers: ``jsonl`` (.jsonl/.json/.ndjson, plain, .gz, .zst, .bz2 or .xz), ``parquet`` (batched, text column
 configurable), ``warc`` (WARC response records -> ``html`` for the ``html_extract`` step; WET
 conversion records -> ``text``), ``books`` (one file one document, Project Gutenberg header and
 licence footer stripped), ``code`` (source trees: language from the extension; vendored, binary
 and oversized files skipped; path and repository kept) and ``tfds`` (any registered
 tensorflow-datasets builder whose data are prepared; nothing is downloaded).
+
+Every command that reads documents goes through here (`danlu clean` by its config; `tokenize`,
+`dedup`, `mix`, `quality`, `eval` and decontamination's evaluation sets by `InputFlags.plan` +
+`read_documents`, with the flags of `add_input_arguments`), so all of them read the same formats
+and set aside the same bad records as errors.jsonl rows (`error_row`). Files are opened by
+`data_pipeline.io.open_input`.
 """
 from __future__ import annotations
 
@@ -27,18 +33,20 @@ import dataclasses
 import datetime
 import decimal
 import glob as globlib
-import gzip
 import hashlib
 import io
 import json
 import math
-import os
 import posixpath
 import re
 from collections import Counter
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import fsspec
+
+# The bytes layer: opening paths and URLs, decompression with truncation detected (importable from
+# here too, as before the split).
+from data_pipeline.io import JSONL_SUFFIXES, STREAM_ERRORS, _ZstdReader, is_url, open_input  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # What a reader yields besides documents
@@ -62,7 +70,7 @@ class ReadError:
 
 
 READ_ERROR_KINDS = ("invalid_json", "invalid_utf8", "not_object", "bad_text", "truncated", "empty_file",
-                    "binary_file", "too_large", "unreadable", "step_failed")
+                    "binary_file", "too_large", "unreadable", "step_failed", "empty_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +186,6 @@ class Shard:
 # Files: local paths and fsspec URLs
 
 
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _fs(path: str):
     fs, p = fsspec.core.url_to_fs(path)
     return fs, p
@@ -195,7 +199,9 @@ def _as_url(fs, path: str, template: str) -> str:
 def list_files(path: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """(file, name relative to the input's root) for a path, glob, directory or URL; sorted.
 
-    A directory contributes its files with one of `suffixes` (all files when None), recursively.
+    A directory contributes its files with one of `suffixes` (all files when None), recursively,
+    except hidden ones (a name starting with "."; e.g. a job's `.state/` and temporary files). The
+    output directory of `danlu clean` (documents/ beside report.json) contributes its documents/.
     Raises InputError naming the input when nothing matches.
     """
     fs, p = _fs(path)
@@ -205,8 +211,11 @@ def list_files(path: str, suffixes: tuple[str, ...] | None = None) -> list[tuple
             root = posixpath.dirname(root)
         found = sorted(f for f in fs.glob(p) if fs.isfile(f))
     elif fs.isdir(p):
+        if fs.isdir(posixpath.join(p, "documents")) and fs.isfile(posixpath.join(p, "report.json")):
+            p = posixpath.join(p, "documents")
         root = p
-        found = sorted(f for f in fs.find(p) if suffixes is None or f.endswith(suffixes))
+        found = sorted(f for f in fs.find(p) if (suffixes is None or f.endswith(suffixes))
+                       and not any(part.startswith(".") for part in posixpath.relpath(f, root).split("/")))
     elif fs.isfile(p):
         root = posixpath.dirname(p)
         found = [p]
@@ -218,69 +227,6 @@ def list_files(path: str, suffixes: tuple[str, ...] | None = None) -> list[tuple
     return [(_as_url(fs, f, path), posixpath.relpath(f, root) if root else f) for f in found]
 
 
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a (multi-frame) zstd stream; raises EOFError when the last frame is cut short.
-
-    `zstandard`'s stream reader returns a clean end of file on a truncated frame, which would
-    silently lose the tail; this reader feeds a fresh decompressobj per frame and checks `eof`.
-    """
-
-    def __init__(self, raw: BinaryIO):
-        import zstandard
-
-        self._zstd = zstandard
-        self._raw = raw
-        self._dobj = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
-        self._in_frame = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._pending:
-            chunk = self._raw.read(1 << 16)
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("zstd stream ended before the end of its last frame")
-                return 0
-            while chunk:
-                self._in_frame = True
-                try:
-                    self._pending += self._dobj.decompress(chunk)
-                except self._zstd.ZstdError as e:
-                    raise OSError(f"corrupt zstd stream: {e}") from None
-                if self._dobj.eof:  # a frame ended; what follows starts the next one
-                    chunk = self._dobj.unused_data
-                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
-                    self._in_frame = False
-                else:
-                    chunk = b""
-        n = min(len(b), len(self._pending))
-        b[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def open_input(path: str) -> BinaryIO:
-    """Opens a local file or URL for binary reading, decompressing .gz/.zst by suffix.
-
-    A truncated compressed stream raises EOFError while reading (never a silent end of file).
-    """
-    raw = fsspec.open(path, "rb").open() if is_url(path) else open(path, "rb")
-    if path.endswith(".gz"):
-        # GzipFile is buffered itself (peek, readline, read1); another BufferedReader on top would
-        # fill its buffer with several reads and lose the bytes before a truncation.
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if path.endswith((".zst", ".zstd")):
-        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 16)
-    return io.BufferedReader(raw, buffer_size=1 << 16) if not isinstance(raw, io.BufferedReader) else raw
-
-
 def file_size(path: str) -> int:
     fs, p = _fs(path)
     try:
@@ -290,7 +236,7 @@ def file_size(path: str) -> int:
 
 
 # Errors that mean "the stream is cut short or damaged" while reading a compressed file.
-_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, gzip.BadGzipFile)
+_STREAM_ERRORS = STREAM_ERRORS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,28 +309,69 @@ def _finish(doc: dict, shard: Shard, name: str, position: str | int, id_key: str
 # ---------------------------------------------------------------------------------------------
 # JSONL
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson",
-                  ".ndjson.gz", ".ndjson.zst")
-
-
 def _read_jsonl(shard: Shard, counters: Counter) -> Iterator[Record]:
     o: JsonlOptions = shard.options
     for path, name in shard.files:
-        yield from _jsonl_file(shard, path, name, o, counters)
+        for rec in _jsonl_objects(path, o, counters):
+            if isinstance(rec, ReadError):
+                yield rec
+                continue
+            line_no, obj, body = rec
+            if o.text_key != "text" and o.text_key in obj:
+                obj["text"] = obj.pop(o.text_key)
+            if not isinstance(obj.get("text"), str):
+                what = "no" if "text" not in obj else f"a non-string ({type(obj['text']).__name__})"
+                yield ReadError(path, "bad_text", f"{what} {o.text_key!r} field", {"line": line_no},
+                                len(body), _snippet(body))
+                continue
+            yield _finish(obj, shard, name, line_no, o.id_key)
+
+
+def read_jsonl_objects(path: str, options: JsonlOptions | None = None,
+                       counters: Counter | None = None) -> Iterator[tuple[int, dict] | ReadError]:
+    """(line, object) for every JSON object of a JSONL file, or a ReadError for a line or a stream
+    that cannot be read: what the ``jsonl`` reader does, without asking for a text field or an id."""
+    o = options or JsonlOptions()
+    for rec in _jsonl_objects(path, o, counters if counters is not None else Counter()):
+        yield rec if isinstance(rec, ReadError) else rec[:2]
+
+
+def _looks_like_record(line: bytes, cut: bool) -> bool:
+    """A JSONL record's line: no NUL byte, UTF-8, ``{`` ... ``}`` (a `cut` line: only its start)."""
+    body = line.strip()
+    if b"\0" in body or not body.startswith(b"{") or not (cut or body.endswith(b"}")):
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return cut and e.reason == "unexpected end of data"  # a character cut at the end of the head
+    return True
 
 
 def _sniff(f: io.BufferedReader, path: str) -> ReadError | None:
-    """An error for an empty file or a binary one (NUL bytes, which JSON text never holds raw)."""
+    """An error for an empty file or a binary one.
+
+    JSON text never holds a raw NUL byte, but one line holding one is that line's error, not the
+    file's: a file is binary when NUL bytes are an eighth of its first 8 kB, or when these hold a
+    NUL byte and no line that looks like a record.
+    """
     head = f.peek(8192)[:8192]
     if not head:
         return ReadError(path, "empty_file", "empty file (no records)")
-    if b"\0" in head:
-        return ReadError(path, "binary_file", "binary file (NUL bytes in the first 8 kB)", nbytes=file_size(path),
-                         raw=_snippet(head, 60))
+    nuls = head.count(b"\0")
+    if not nuls:
+        return None
+    lines = head.split(b"\n")
+    cut = len(head) == 8192  # the head's last piece may go on after it
+    if nuls * 8 >= len(head) or not any(_looks_like_record(line, cut and i == len(lines) - 1)
+                                        for i, line in enumerate(lines)):
+        return ReadError(path, "binary_file", "binary file (NUL bytes and no JSON record in the first 8 kB)",
+                         nbytes=file_size(path), raw=_snippet(head, 60))
     return None
 
 
-def _jsonl_file(shard: Shard, path: str, name: str, o: JsonlOptions, counters: Counter) -> Iterator[Record]:
+def _jsonl_objects(path: str, o: JsonlOptions, counters: Counter) -> Iterator[tuple[int, dict, bytes] | ReadError]:
+    """(line, object, the line's bytes) for every JSON object line of a file, else a ReadError."""
     limit = o.max_doc_bytes
     line_no = 0
     try:
@@ -416,6 +403,11 @@ def _jsonl_file(shard: Shard, path: str, name: str, o: JsonlOptions, counters: C
                 body = raw.rstrip(b"\r\n")
                 if not body.strip():
                     continue  # blank lines are not records
+                nul = body.find(b"\0")
+                if nul >= 0:  # binary data in a text line (json.loads would call it a control character)
+                    yield ReadError(path, "invalid_json", f"invalid JSON: NUL byte at byte {nul}",
+                                    {"line": line_no}, len(body), _snippet(body.replace(b"\0", b"\\0")))
+                    continue
                 try:
                     text = decode_utf8(body, o.invalid_utf8, counters)
                 except UnicodeDecodeError as e:
@@ -432,14 +424,7 @@ def _jsonl_file(shard: Shard, path: str, name: str, o: JsonlOptions, counters: C
                     yield ReadError(path, "not_object", f"not a JSON object: {type(obj).__name__}",
                                     {"line": line_no}, len(body), _snippet(text))
                     continue
-                if o.text_key != "text" and o.text_key in obj:
-                    obj["text"] = obj.pop(o.text_key)
-                if not isinstance(obj.get("text"), str):
-                    what = "no" if "text" not in obj else f"a non-string ({type(obj['text']).__name__})"
-                    yield ReadError(path, "bad_text", f"{what} {o.text_key!r} field", {"line": line_no},
-                                    len(body), _snippet(text))
-                    continue
-                yield _finish(obj, shard, name, line_no, o.id_key)
+                yield line_no, obj, body
         except _STREAM_ERRORS as e:
             yield ReadError(path, "truncated", f"stream ended early or is damaged after line {line_no}: {e}",
                             {"line": line_no + 1})
@@ -956,22 +941,73 @@ def doc_bytes(doc: dict) -> int:
 # The input layer of every command that reads documents
 
 
-def plan_inputs(inputs: Sequence[str], reader: str = "auto", source: str = "", options: Any = None,
-                where: str = "--input") -> list[Shard]:
+def input_options(reader: str, max_doc_bytes: int | None = None, text_key: str | None = None) -> Any:
+    """The options of `reader` for the commands that read documents (tokenize, dedup, mix, quality, eval).
+
+    The reader's defaults, except that a WARC file gives its WET ``conversion`` records only (a
+    response record holds HTML, which only `danlu clean`'s ``html_extract`` step turns into text);
+    `max_doc_bytes` and `text_key` (the JSONL field, Parquet column or TFDS feature holding the
+    text; other readers have none) replace the defaults when given.
+    """
+    changes: dict[str, Any] = {}
+    if reader == "warc":
+        changes["records"] = ("conversion",)
+    if max_doc_bytes is not None:
+        changes["max_doc_bytes"] = max_doc_bytes
+    if text_key is not None and reader in ("jsonl", "parquet", "tfds"):
+        changes["text_column" if reader == "parquet" else "text_key"] = text_key
+    return READERS[reader].options(**changes)
+
+
+def plan_inputs(inputs: Sequence[str], reader: str = "auto", source: str = "",
+                options: Any | Callable[[str], Any] | None = None, where: str = "--input") -> list[Shard]:
     """The shards of several inputs (paths, globs, directories or URLs), in argument order.
 
     `reader` "auto" picks each input's reader from its suffix. `source` "" keeps each document's own
-    `source` field. `options` (the reader's options dataclass) defaults to the reader's defaults.
-    Raises InputError naming the input before any document is read.
+    `source` field. `options` is the reader's options dataclass, or a function of the reader's name
+    giving it; by default `input_options(reader)`. Raises InputError naming the input before any
+    document is read.
     """
     shards: list[Shard] = []
     for i, path in enumerate(inputs):
         name = guess_reader(path) if reader == "auto" else reader
         if name not in READERS:
             raise InputError(f"{where}: unknown reader {name!r}; readers: {', '.join(READERS)}")
-        opts = options if options is not None else READERS[name].options()
+        opts = (options(name) if callable(options) else options) if options is not None else input_options(name)
         shards.extend(plan_input(path, name, source, opts, i, f"{where} {path!r}"))
     return [dataclasses.replace(s, index=k) for k, s in enumerate(shards)]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFlags:
+    """The input flags every command that reads documents shares (`add_input_arguments`)."""
+
+    reader: str = "auto"
+    max_doc_bytes: int | None = None  # None: the reader's default
+    text_key: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "InputFlags":
+        return cls(args.reader, args.max_doc_bytes, args.text_key)
+
+    def options(self, reader: str) -> Any:
+        return input_options(reader, self.max_doc_bytes, self.text_key)
+
+    def plan(self, inputs: Sequence[str], source: str = "", where: str = "--input") -> list[Shard]:
+        """`plan_inputs` with these flags; raises InputError before any document is read."""
+        return plan_inputs(inputs, self.reader, source, self.options, where)
+
+
+def add_input_arguments(parser: Any) -> None:
+    """The flags of `InputFlags`, for the commands that read documents."""
+    g = parser.add_argument_group("input")
+    g.add_argument("--reader", choices=("auto", *READERS), default="auto",
+                   help="reader of the inputs (default auto, from each input's suffix: JSONL .jsonl/.json/.ndjson "
+                        "plain, .gz, .zst, .bz2 or .xz; Parquet .parquet; WARC/WET .warc/.wet (WET text records))")
+    g.add_argument("--max-doc-bytes", type=int, default=None, metavar="N",
+                   help=f"a bigger record goes to errors.jsonl, unparsed (default {CommonOptions.max_doc_bytes})")
+    g.add_argument("--text-key", default=None, metavar="FIELD",
+                   help="the JSONL field / Parquet column holding the text (default text)")
 
 
 def read_guarded(shard: Shard, counters: Counter | None = None) -> Iterator[Record]:
@@ -988,6 +1024,23 @@ def read_inputs(shards: Sequence[Shard], counters: Counter | None = None) -> Ite
     for shard in shards:
         for rec in read_guarded(shard, counters):
             yield shard, rec
+
+
+def read_documents(shards: Sequence[Shard], errors: list | None = None,
+                   dropped: Counter | None = None) -> Iterator[tuple[Shard, dict]]:
+    """(shard, document) for the documents of `shards`, in order; never raises on a bad record or file.
+
+    A record that cannot be read goes to `errors` as its errors.jsonl row (`error_row`); one a
+    reader removes on purpose (a vendored file of a code tree) is counted in `dropped` by reason.
+    """
+    for shard, rec in read_inputs(shards):
+        if isinstance(rec, dict):
+            yield shard, rec
+        elif isinstance(rec, ReadError):
+            if errors is not None:
+                errors.append(error_row(rec))
+        elif dropped is not None:
+            dropped[rec.reason] += 1
 
 
 def error_row(e: ReadError, **extra: Any) -> dict:

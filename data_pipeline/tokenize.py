@@ -8,7 +8,8 @@ Output directory of `encode_to_shards` (the token-shard contract of docs/DESIGN.
     train-00000-of-0000K.lengths.npy       uint32 [documents]: tokens per record, so loaders need not scan
     eval-00000-of-0000E.array_record       the held-out split, same format
     eval-00000-of-0000E.lengths.npy
-    errors.jsonl                           bad input lines set aside: file, line, reason, raw text
+    errors.jsonl                           records set aside: file, line/row/offset (or id), kind, reason,
+                                           bytes, raw snippet
 
 Records hold the document's ids only: no BOS, no EOS (`"eos_appended": false` in the
 manifest); the loader inserts separators when it packs documents into sequences.
@@ -39,6 +40,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_pipeline import io as dio
+from data_pipeline import readers as R
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +82,21 @@ def sha256_file(path: str) -> str:
 
 # ----------------------------------------------------------------------------- reading
 
-def _iter_documents(paths: Sequence[str], errors: list[dict] | None = None) -> Iterator[tuple[str, dict]]:
-    """(path, document) for the valid documents of `paths`, in input order.
+def _iter_documents(shards: Sequence[R.Shard], errors: list[dict] | None = None,
+                    dropped: collections.Counter | None = None) -> Iterator[tuple[R.Shard, dict]]:
+    """(shard, document) for the documents of `shards`, in input order.
 
-    Bad lines go to `errors` (if given) as {"file", "line", "reason", "raw"}.
-
-    Documents with empty text are set aside too: they would add nothing but a separator.
+    Records that cannot be read go to `errors` (if given) as errors.jsonl rows (`readers.error_row`);
+    documents with empty text too (kind "empty_text", with their id): they would add nothing but a
+    separator. Records a reader skips on purpose are counted in `dropped` by reason.
     """
-    for path in paths:
-        for rec in dio.iter_jsonl(path):
-            reason = rec.error if rec.error is not None else dio.document_error(rec.obj)
-            if reason is None and rec.obj["text"] == "":
-                reason = "empty text"
-            if reason is not None:
-                if errors is not None:
-                    errors.append({"file": rec.path, "line": rec.line, "reason": reason,
-                                   "raw": rec.raw[:4096]})
-                continue
-            yield path, rec.obj
+    for shard, doc in R.read_documents(shards, errors, dropped):
+        if doc["text"] == "":
+            if errors is not None:
+                errors.append(R.error_row(R.ReadError(shard.name, "empty_text", "empty text: nothing to tokenize",
+                                                      {"id": doc["id"]})))
+            continue
+        yield shard, doc
 
 
 # ----------------------------------------------------------------------------- training
@@ -133,15 +132,17 @@ def _training_chunks(text: str, max_bytes: int = TRAIN_CHUNK_BYTES) -> Iterator[
         yield "".join(buf)
 
 
-def sample_documents(inputs: Sequence[str], sample_docs: int, seed: int = 0) -> list[str]:
-    """Texts of up to `sample_docs` valid documents, chosen by a seeded hash of their id.
+def sample_documents(inputs: Sequence[str], sample_docs: int, seed: int = 0,
+                     flags: R.InputFlags = R.InputFlags()) -> list[str]:
+    """Texts of up to `sample_docs` valid documents of `inputs` (read with `flags`), chosen by a
+    seeded hash of their id.
 
     Bottom-k sampling on blake2b(seed, id): the sample depends on the set of documents,
     not their order, and is the same on every run. Returned in order of that hash.
     """
     heap: list[tuple[int, int, str]] = []  # (-key, tiebreak, text): a max-heap of the k smallest keys
     salt = f"danlu-sample-{seed}:"
-    for n, (_, doc) in enumerate(_iter_documents(dio.expand_inputs(inputs))):
+    for n, (_, doc) in enumerate(_iter_documents(flags.plan(inputs))):
         key = int.from_bytes(_id_hash(doc["id"], salt)[:8], "big")
         item = (-key, -n, doc["text"])
         if len(heap) < sample_docs:
@@ -162,11 +163,12 @@ def train_tokenizer(
     num_threads: int = 8,
     character_coverage: float = 0.9995,
     split_digits: bool = True,
+    flags: R.InputFlags = R.InputFlags(),
 ) -> str:
     """Trains a sentencepiece model on a deterministic sample of documents.
 
     Args:
-      inputs: JSONL files, globs or directories of documents.
+      inputs: files, globs, directories or URLs of documents (JSONL, Parquet, WET, ...: `readers`).
       model_prefix: output path without suffix; writes `<prefix>.model` and `<prefix>.vocab`.
       vocab_size: target size. `hard_vocab_limit=False`, so a corpus too small for it
         gives a smaller vocabulary instead of an error (read the real size off the model).
@@ -178,6 +180,7 @@ def train_tokenizer(
       num_threads: sentencepiece trainer threads. The trained model depends on it (it
         changes the reduction order), so it is a fixed default, not the machine's core count.
       character_coverage, split_digits: passed to sentencepiece.
+      flags: how the inputs are read (reader, max_doc_bytes, text key).
 
     Returns:
       Path of the `.model` file. Special ids: pad=0, unk=1, bos=2, eos=3.
@@ -192,7 +195,8 @@ def train_tokenizer(
     if vocab_size < 4 + (256 if byte_fallback else 0) + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small (4 specials"
                          f"{' + 256 byte pieces' if byte_fallback else ''} + at least one piece)")
-    texts = sample_documents(inputs, sample_docs, seed)
+    model_prefix = dio.require_local(model_prefix, "model_prefix", "a sentencepiece model")
+    texts = sample_documents(inputs, sample_docs, seed, flags)
     if not texts:
         raise ValueError(f"no valid documents to train a tokenizer on in {list(inputs)}")
     chunks = [c for t in texts for c in _training_chunks(t)]
@@ -300,12 +304,15 @@ def encode_to_shards(
     *,
     chunk_docs: int = 256,
     split_by: str = "id",
+    flags: R.InputFlags = R.InputFlags(),
 ) -> dict:
     """Encodes documents into ArrayRecord token shards and writes manifest.json.
 
     Args:
-      inputs: JSONL files (.jsonl, .gz, .zst), globs or directories of documents.
-      output_dir: created if missing; shard files of an earlier run in it are removed.
+      inputs: files, globs, directories or URLs of documents (JSONL, Parquet, WET, ...: `readers`).
+        A record that cannot be read, or has empty text, is set aside in errors.jsonl.
+      output_dir: a local directory (or file:// URL), created if missing; shard files of an
+        earlier run in it are removed.
       tokenizer: path of a sentencepiece .model; copied to `output_dir/tokenizer.model`.
       num_shards: number of train shards. Eval gets ceil(num_shards * eval_fraction)
         shards (at least 1 when eval_fraction > 0).
@@ -321,6 +328,7 @@ def encode_to_shards(
         its own) or a grouping field, e.g. the demo corpus's "group", so that documents
         sharing text (a module's code and its rendered docs) land on the same side. A
         document without the field is split by its id.
+      flags: how the inputs are read (reader, max_doc_bytes, text key).
 
     Returns:
       The manifest (also written to `output_dir/manifest.json`); see `_build_manifest`.
@@ -331,7 +339,8 @@ def encode_to_shards(
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    paths = dio.expand_inputs(inputs)
+    output_dir = dio.require_local(output_dir, "output_dir", "token shards (ArrayRecord)")
+    shards_in = flags.plan(inputs)
     workers = (os.cpu_count() or 1) if workers is None else workers
     os.makedirs(output_dir, exist_ok=True)
     # Remove what an earlier run left (e.g. with another shard count): the manifest
@@ -357,7 +366,9 @@ def encode_to_shards(
         "eval": [_ShardWriter(output_dir, "eval", i, num_eval) for i in range(num_eval)],
     }
     errors: list[dict] = []
+    dropped: collections.Counter = collections.Counter()
     docs_per_input: collections.Counter = collections.Counter()
+    errors_per_input: collections.Counter = collections.Counter()
 
     def put(split: str, doc: dict, record: bytes) -> None:
         ws = writers[split]
@@ -389,15 +400,18 @@ def encode_to_shards(
     def batches() -> Iterator[tuple[list[dict], list[str]]]:
         metas: list[dict] = []
         texts: list[str] = []
-        for path, doc in _iter_documents(paths, errors):
-            docs_per_input[path] += 1
-            split = doc.get(split_by)
-            metas.append({"id": doc["id"], "source": doc.get("source", "unknown"),
-                          "split": split if isinstance(split, str) else doc["id"]})
-            texts.append(doc["text"])
-            if len(metas) >= chunk_docs:
-                yield metas, texts
-                metas, texts = [], []
+        for shard in shards_in:
+            before = len(errors)
+            for _, doc in _iter_documents([shard], errors, dropped):
+                docs_per_input[shard.name] += 1
+                split = doc.get(split_by)
+                metas.append({"id": doc["id"], "source": doc.get("source") or "unknown",
+                              "split": split if isinstance(split, str) else doc["id"]})
+                texts.append(doc["text"])
+                if len(metas) >= chunk_docs:
+                    yield metas, texts
+                    metas, texts = [], []
+            errors_per_input[shard.name] += len(errors) - before
         if metas:
             yield metas, texts
 
@@ -431,7 +445,8 @@ def encode_to_shards(
     # Always written (empty when the input is clean), so its absence is never ambiguous.
     dio.write_jsonl(os.path.join(output_dir, ERRORS), errors)
     manifest = _build_manifest(
-        paths=paths, shards=shards, errors=errors, docs_per_input=docs_per_input, sp=sp,
+        inputs=[s.name for s in shards_in], shards=shards, errors=errors, dropped=dropped,
+        docs_per_input=docs_per_input, errors_per_input=errors_per_input, sp=sp,
         model_path=model_path, copied_from=copied_from, eval_fraction=eval_fraction, split_by=split_by,
     )
     tmp = os.path.join(output_dir, MANIFEST + ".tmp")
@@ -439,8 +454,8 @@ def encode_to_shards(
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(tmp, os.path.join(output_dir, MANIFEST))  # last: a manifest means a complete output
-    log.info("wrote %d documents, %d tokens to %s (%d bad lines set aside)",
-             manifest["documents"], manifest["tokens"], output_dir, len(errors))
+    log.info("%d records in: wrote %d documents, %d tokens to %s; %d set aside",
+             manifest["documents_in"], manifest["documents"], manifest["tokens"], output_dir, len(errors))
     return manifest
 
 
@@ -453,8 +468,8 @@ def _split_rule(split_by: str) -> str:
             " shard = int(blake2b(id, digest_size=16)[8:]) % shards")
 
 
-def _build_manifest(*, paths, shards, errors, docs_per_input, sp, model_path, copied_from,
-                    eval_fraction, split_by="id") -> dict:
+def _build_manifest(*, inputs, shards, errors, dropped, docs_per_input, errors_per_input, sp, model_path,
+                    copied_from, eval_fraction, split_by="id") -> dict:
     """The manifest.json contents. Sorted, count-only, no timestamps: deterministic."""
     splits: dict[str, dict] = {}
     sources: dict[str, dict] = {}
@@ -470,7 +485,6 @@ def _build_manifest(*, paths, shards, errors, docs_per_input, sp, model_path, co
             per_split = src.setdefault(sh["split"], {"documents": 0, "tokens": 0})
             per_split["documents"] += c["documents"]
             per_split["tokens"] += c["tokens"]
-    errors_per_input = collections.Counter(e["file"] for e in errors)
     tokenizer = {
         "path": TOKENIZER_FILE,  # relative to the manifest's directory
         "sha256": sha256_file(model_path),
@@ -494,30 +508,30 @@ def _build_manifest(*, paths, shards, errors, docs_per_input, sp, model_path, co
         "split_rule": _split_rule(split_by),
         "documents": sum(s["documents"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
+        # every record read: documents_in = documents_out + sum(dropped) + errors.count
+        "documents_in": sum(s["documents"] for s in shards) + sum(dropped.values()) + len(errors),
+        "documents_out": sum(s["documents"] for s in shards),
+        "dropped": dict(sorted(dropped.items())),
         "splits": splits,
         "sources": dict(sorted(sources.items())),
         "shards": shards,
-        "inputs": [{"path": p, "documents": docs_per_input[p], "errors": errors_per_input[p]} for p in paths],
+        "inputs": [{"path": p, "documents": docs_per_input[p], "errors": errors_per_input[p]} for p in inputs],
         "errors": {
             "count": len(errors),
             "path": ERRORS,
-            "reasons": dict(sorted(collections.Counter(_reason_kind(e["reason"]) for e in errors).items())),
+            "kinds": dict(sorted(collections.Counter(e["kind"] for e in errors).items())),
         },
     }
-
-
-def _reason_kind(reason: str) -> str:
-    # "invalid JSON: Expecting value (column 1)" -> "invalid JSON": countable categories.
-    return reason.split(":", 1)[0].split(" (", 1)[0]
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `danlu tokenize`."""
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="JSONL documents (.jsonl, .gz, .zst), globs or directories")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output directory of shards + manifest.json")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="documents: files, globs, directories or URLs (JSONL, Parquet, WET; see --reader)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="local output directory of shards + manifest.json (write locally, then copy to a bucket)")
     parser.add_argument("--model", metavar="PATH", help="existing sentencepiece .model; if omitted, "
                         "one is trained first into DIR/tokenizer.model")
     parser.add_argument("--train-model", action="store_true",
@@ -536,33 +550,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-by", default="id",
                         help="document field whose hash picks train or eval: id, or a grouping field (e.g. group)")
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    R.add_input_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `danlu tokenize`; returns the exit code."""
+    """Runs `danlu tokenize`; returns the exit code (2: bad flags or inputs, before any work)."""
     if args.model and args.train_model:
         print("danlu tokenize: error: give either --model or --train-model, not both", file=sys.stderr)
+        return 2
+    flags = R.InputFlags.from_args(args)
+    try:
+        out = dio.require_local(args.output, "--output", "token shards (ArrayRecord)")
+        flags.plan(args.input)  # a missing input or a bad flag stops here, before training
+    except ValueError as e:
+        print(f"danlu tokenize: error: {e}", file=sys.stderr)
         return 2
     try:
         model = args.model
         if not model:
             model = train_tokenizer(
-                args.input, os.path.join(args.output, "tokenizer"), vocab_size=args.vocab_size,
+                args.input, os.path.join(out, "tokenizer"), vocab_size=args.vocab_size,
                 model_type=args.model_type, byte_fallback=args.byte_fallback,
-                sample_docs=args.sample_docs, seed=args.seed, num_threads=args.train_threads,
+                sample_docs=args.sample_docs, seed=args.seed, num_threads=args.train_threads, flags=flags,
             )
             print(f"trained {model}")
-        manifest = encode_to_shards(args.input, args.output, model, num_shards=args.num_shards,
+        manifest = encode_to_shards(args.input, out, model, num_shards=args.num_shards,
                                     eval_fraction=args.eval_fraction, workers=args.workers,
-                                    split_by=args.split_by)
+                                    split_by=args.split_by, flags=flags)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"danlu tokenize: error: {e}", file=sys.stderr)
         return 1
     s = manifest["splits"]
-    print(f"{manifest['documents']} documents, {manifest['tokens']} tokens "
-          f"(train {s.get('train', {}).get('documents', 0)} docs / {s.get('train', {}).get('tokens', 0)} tokens, "
-          f"eval {s.get('eval', {}).get('documents', 0)} docs / {s.get('eval', {}).get('tokens', 0)} tokens), "
-          f"vocab {manifest['vocab_size']}, {manifest['errors']['count']} bad lines -> "
-          f"{os.path.join(args.output, ERRORS)}")
-    print(f"wrote {os.path.join(args.output, MANIFEST)}")
+    print(f"{manifest['documents_in']} records in, {manifest['documents_out']} documents out, "
+          f"{sum(manifest['dropped'].values())} dropped, {manifest['errors']['count']} set aside -> "
+          f"{os.path.join(out, ERRORS)}")
+    print(f"{manifest['tokens']} tokens (train {s.get('train', {}).get('documents', 0)} docs / "
+          f"{s.get('train', {}).get('tokens', 0)} tokens, eval {s.get('eval', {}).get('documents', 0)} docs / "
+          f"{s.get('eval', {}).get('tokens', 0)} tokens), vocab {manifest['vocab_size']}")
+    print(f"wrote {os.path.join(out, MANIFEST)}")
     return 0

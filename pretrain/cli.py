@@ -72,6 +72,22 @@ LAUNCH_TARGETS: list[tuple[str, str, str]] = [
 ]
 
 
+# Top-level modules of the optional extras (pyproject.toml) -> (extra, what needs it): a command
+# that fails to import one says which extra to install instead of printing a traceback.
+EXTRAS: dict[str, tuple[str, str]] = {
+    "apache_beam": ("beam", "--runner beam"),
+    "transformers": ("hf", "Hugging Face conversion"),
+    "safetensors": ("hf", "Hugging Face conversion"),
+    "libtpu": ("tpu", "compiling for a TPU topology"),
+    "torch": ("bench", "this benchmark"),
+}
+
+
+def missing_extra(e: ModuleNotFoundError) -> tuple[str, str] | None:
+    """(extra, what needs it) when `e` is about a module of an optional extra, else None."""
+    return EXTRAS.get((e.name or "").split(".")[0])
+
+
 def _add_module_commands(sub, table) -> None:
     import importlib
 
@@ -125,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (ConfigError, StepError) as e:
         print(f"danlu: invalid config: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        found = missing_extra(e)
+        if found is None:
+            raise
+        extra, what = found
+        command = " ".join(filter(None, [args.command, getattr(args, "target", None)]))
+        print(f"danlu {command}: {what} needs the '{extra}' extra: pip install 'danlu[{extra}]'", file=sys.stderr)
         return 2
 
 

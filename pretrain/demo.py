@@ -23,7 +23,6 @@ def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps
              vocab_size: int = 4096, max_bytes: int = 8_000_000, sweep: bool = True) -> dict:
     from data_pipeline import clean
     from data_pipeline.demo_corpus import build_demo_corpus
-    from data_pipeline.io import expand_inputs
     from data_pipeline.tokenize import encode_to_shards, train_tokenizer
     from pretrain.plots import plot_loss
     from pretrain.train import train
@@ -51,7 +50,7 @@ def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps
     # --- 3. tokenizer and shards ------------------------------------------------------------
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
-        docs = expand_inputs([str(cleaned / clean.DOCUMENTS_DIR)])
+        docs = [str(cleaned / clean.DOCUMENTS_DIR)]  # its JSONL parts, in name order
         model = train_tokenizer(docs, str(work / "tokenizer"), vocab_size=vocab_size)
         manifest = encode_to_shards(docs, str(shards), model, num_shards=4, eval_fraction=0.02)
         print(f"[3/6] tokenizer {model}; shards {shards}: "

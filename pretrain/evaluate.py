@@ -1,8 +1,10 @@
 """`danlu eval`: loss, perplexity and bits per byte of a checkpoint on held-out data.
 
 Inputs (``--data``, any mix): a directory of token shards with manifest.json (`danlu tokenize`;
-the ``--split``, default eval, read with pretrain/data.py's readers) or JSONL documents (plain,
-.gz, .zst, globs, directories), tokenized with the checkpoint's sentencepiece model.
+the ``--split``, default eval, read with pretrain/data.py's readers) or documents (JSONL plain,
+.gz, .zst, .bz2 or .xz, Parquet, WET; files, globs, directories, URLs: data_pipeline/readers.py,
+``--reader``, ``--max-doc-bytes``, ``--text-key``), tokenized with the checkpoint's sentencepiece
+model. Records that cannot be read are skipped and counted (``errors`` in the report).
 
 Each document is scored on its own: the model reads EOS (the separator it was trained to start a
 document after) then the document, and predicts every token of the document exactly once.
@@ -13,7 +15,7 @@ are packed into rows with segment masking, so nothing attends across documents.
     loss = total nats / predicted tokens,  perplexity = exp(loss),
     bits per byte = total nats / ln 2 / UTF-8 bytes of the documents' text
 
-Bytes are the JSONL ``text`` fields, or for shards the decoded text of each document (needs the
+Bytes are the documents' ``text`` fields, or for shards the decoded text of each document (needs the
 tokenizer; byte fallback makes decoding exact). ``--packed`` instead scores the shards' split
 exactly as the train loop's evaluation does (rows of data.seq_len packed across documents,
 train.global_batch_size rows per batch, ``--batches`` batches, default data.eval_batches), so
@@ -40,19 +42,21 @@ class Totals:
     tokens: int = 0
     documents: int = 0
     bytes: int | None = 0
+    errors: int = 0  # records of the documents that could not be read, skipped
 
     def add(self, other: "Totals") -> None:
         self.nats += other.nats
         self.tokens += other.tokens
         self.documents += other.documents
         self.bytes = None if self.bytes is None or other.bytes is None else self.bytes + other.bytes
+        self.errors += other.errors
 
     def report(self) -> dict:
         loss = self.nats / self.tokens if self.tokens else float("nan")
         bpb = self.nats / math.log(2) / self.bytes if self.bytes else None
         return {"loss": loss, "perplexity": math.exp(loss) if self.tokens else float("nan"),
                 "bits_per_byte": bpb, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes,
-                "nats": self.nats}
+                "nats": self.nats, "errors": self.errors}
 
 
 def pack_windows(docs: Iterable[list[int]], eos_id: int, seq_len: int, rows_per_batch: int) -> Iterator[dict]:
@@ -144,25 +148,29 @@ def _shard_documents(path: str, split: str, vocab_size: int) -> tuple[Iterator[l
     return gen(), manifest["eos_id"]
 
 
-def _jsonl_documents(path: str) -> Iterator[str]:
-    from data_pipeline.io import document_error, expand_inputs, iter_jsonl
+def _jsonl_documents(path: str, flags=None, errors: list | None = None) -> Iterator[str]:
+    """Non-empty texts of the documents of `path` (a file, glob, directory or URL; read with
+    `flags`, a readers.InputFlags); records that cannot be read go to `errors` as errors.jsonl rows.
+    Planning (a missing input) raises readers.InputError, a ValueError, before the first text."""
+    from data_pipeline import readers as R
 
-    for file in expand_inputs([path]):
-        for rec in iter_jsonl(file):
-            err = rec.error or document_error(rec.obj)
-            if err:
-                raise ValueError(f"{rec.path}:{rec.line}: {err}")
-            if rec.obj["text"]:
-                yield rec.obj["text"]
+    shards = (flags or R.InputFlags()).plan([path], where="--data")
+
+    def texts():
+        for _, doc in R.read_documents(shards, errors):
+            if doc["text"]:
+                yield doc["text"]
+    return texts()
 
 
 def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, split: str = "eval",
                         seq_len: int | None = None, batch_size: int = 8, max_documents: int | None = None,
-                        packed: bool = False, batches: int | None = None) -> dict:
+                        packed: bool = False, batches: int | None = None, flags=None) -> dict:
     """{"total": report, "inputs": {path: report}} for a Checkpoint (pretrain.generate.load_checkpoint).
 
     A report has loss (nats per token), perplexity, bits_per_byte (None when the text is
-    unknown), tokens, documents, bytes.
+    unknown), tokens, documents, bytes, errors (records of documents that could not be read,
+    skipped). `flags` (a readers.InputFlags) says how documents are read.
     """
     from pretrain.config import DataConfig
     from pretrain.generate import find_tokenizer
@@ -182,6 +190,7 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
     total, per_input = Totals(), {}
     for path in data:
         t = Totals()
+        errors: list[dict] = []
         is_shards = os.path.isfile(os.path.join(path, "manifest.json"))
         if packed:
             if not is_shards:
@@ -200,7 +209,8 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
             elif sp is None:
                 raise ValueError(f"{path}: JSONL text needs the checkpoint's tokenizer; none found, pass --tokenizer MODEL")
             else:
-                docs, eos_id = ((sp.encode(text), len(text.encode("utf-8"))) for text in _jsonl_documents(path)), sp.eos_id()
+                texts = _jsonl_documents(path, flags, errors)
+                docs, eos_id = ((sp.encode(text), len(text.encode("utf-8"))) for text in texts), sp.eos_id()
 
             def counted(docs):
                 """Token ids of the first max_documents non-empty documents, counted into t."""
@@ -214,6 +224,7 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
                     yield ids
 
             t.nats, t.tokens = scorer(pack_windows(counted(docs), eos_id, seq_len, batch_size))
+            t.errors = len(errors)
         per_input[path] = t.report()
         total.add(t)
     return {"total": total.report(), "inputs": per_input, "seq_len": seq_len, "packed": packed,
@@ -226,7 +237,8 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoints/STEP directory")
-    parser.add_argument("--data", nargs="+", required=True, help="token shard directories and/or JSONL files, globs, directories")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="token shard directories and/or documents: files, globs, directories, URLs (JSONL, Parquet, WET)")
     parser.add_argument("--split", default="eval", help="split of token shards to score (default: eval)")
     parser.add_argument("--seq-len", type=int, default=None, help="context per window (default: the run's data.seq_len)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
@@ -237,11 +249,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's)")
     parser.add_argument("--json", action="store_true", help="print the full result as one JSON object")
+    from data_pipeline.readers import add_input_arguments
+
+    add_input_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     import sys
 
+    from data_pipeline.readers import InputFlags
     from pretrain.config import ConfigError
     from pretrain.generate import load_checkpoint
 
@@ -249,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(args.checkpoint, args.step)
         result = evaluate_checkpoint(ckpt, args.data, tokenizer=args.tokenizer, split=args.split, seq_len=args.seq_len,
                                      batch_size=args.batch_size, max_documents=args.max_documents,
-                                     packed=args.packed, batches=args.batches)
+                                     packed=args.packed, batches=args.batches, flags=InputFlags.from_args(args))
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -261,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
     rows = list(result["inputs"].items()) + ([("total", result["total"])] if len(result["inputs"]) > 1 else [])
     for name, r in rows:
         bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"
+        skipped = f", {r['errors']:,} bad records skipped" if r["errors"] else ""
         print(f"{name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  bits/byte {bpb}  "
-              f"({r['tokens']:,} tokens, {r['documents']:,} documents)")
+              f"({r['tokens']:,} tokens, {r['documents']:,} documents{skipped})")
     return 0

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import zstandard
 
+from data_pipeline import io as dio
 from data_pipeline import readers as R
 
 
@@ -111,6 +112,49 @@ def test_multi_frame_zstd(tmp_path):
     assert len(_docs(_read(p, "jsonl")[0])) == 10
 
 
+@pytest.mark.parametrize("suffix", [".bz2", ".xz"])
+def test_truncated_bz2_and_xz_keep_the_complete_lines(tmp_path, suffix):
+    import bz2
+    import lzma
+
+    raw = ("\n".join(_lines(3000)) + "\n").encode()
+    data = bz2.compress(raw, 1) if suffix == ".bz2" else lzma.compress(raw)  # bz2: 100 kB blocks
+    cut = data[: len(data) // 2]
+    # what survives, by the stdlib decompressor alone: the complete lines of the cut stream's output
+    d = bz2.BZ2Decompressor() if suffix == ".bz2" else lzma.LZMADecompressor()
+    survivors = d.decompress(cut).split(b"\n")[:-1]
+    assert 0 < len(survivors) < 3000
+    (tmp_path / f"whole.jsonl{suffix}").write_bytes(data)
+    (tmp_path / f"cut.jsonl{suffix}").write_bytes(cut)
+    recs, _, _ = _read(tmp_path / f"whole.jsonl{suffix}", "jsonl")
+    assert len(_docs(recs)) == 3000 and not _errors(recs)
+    recs, _, _ = _read(tmp_path / f"cut.jsonl{suffix}", "jsonl")
+    assert [d["text"] for d in _docs(recs)] == [json.loads(line)["text"] for line in survivors]
+    [e] = _errors(recs)
+    assert e.kind == "truncated" and e.location == {"line": len(survivors) + 1}
+
+
+def test_a_nul_byte_is_one_line_s_error_not_the_file_s(tmp_path):
+    lines = _lines(6)
+    p = tmp_path / "nul.jsonl"
+    p.write_bytes("\n".join(lines[:2]).encode() + b'\n{"text": "a raw \x00 byte"}\n' + "\n".join(lines[2:]).encode() + b"\n")
+    recs, _, _ = _read(p, "jsonl")
+    assert [d["meta"]["i"] for d in _docs(recs)] == list(range(6))
+    [e] = _errors(recs)
+    assert (e.kind, e.location, e.reason) == ("invalid_json", {"line": 3}, "invalid JSON: NUL byte at byte 16")
+    # a line longer than the 8 kB head with a NUL byte in it: still that line's error only
+    q = tmp_path / "long.jsonl"
+    q.write_bytes(b'{"text": "' + b"y" * 9000 + b'\x00"}\n' + lines[0].encode() + b"\n")
+    recs, _, _ = _read(q, "jsonl")
+    assert len(_docs(recs)) == 1 and [e.kind for e in _errors(recs)] == ["invalid_json"]
+    # a NUL byte in a head with no record-like line, or NUL bytes an eighth of the head: binary
+    for name, data in [("one.jsonl", b"\x01\x02\x00\x03 not json\n{nor this\n"),
+                       ("padded.jsonl", lines[0].encode() + b"\n" + b"\x00" * 2000)]:
+        (tmp_path / name).write_bytes(data)
+        recs, _, _ = _read(tmp_path / name, "jsonl")
+        assert [e.kind for e in recs] == ["binary_file"], name
+
+
 def test_empty_and_binary_files(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "empty2.jsonl.gz").write_bytes(gzip.compress(b""))
@@ -126,6 +170,22 @@ def test_missing_input_is_an_error_before_reading(tmp_path):
         R.plan_input(str(tmp_path / "nope.jsonl"), "jsonl", "s", R.JsonlOptions())
     with pytest.raises(R.InputError, match="matches no file"):
         R.plan_input(str(tmp_path / "*.jsonl"), "jsonl", "s", R.JsonlOptions())
+
+
+def test_a_clean_output_directory_gives_its_documents_and_hidden_files_are_skipped(tmp_path):
+    """`danlu mix --input web=clean/web`: the documents, not report.json, errors.jsonl or .state/."""
+    out = tmp_path / "web"
+    (out / "documents").mkdir(parents=True)
+    (out / ".state").mkdir()
+    dio.write_jsonl(str(out / "documents" / "part-00000-0000.jsonl.gz"), [{"id": "a", "text": "kept"}])
+    dio.write_jsonl(str(out / "documents" / ".tmp.part-00001-0000.jsonl.gz"), [{"id": "b", "text": "half"}])
+    dio.write_jsonl(str(out / "errors.jsonl"), [{"file": "x", "kind": "invalid_json"}])
+    (out / "report.json").write_text('{\n "documents_in": 1\n}\n')
+    (out / ".state" / "shard-00000.json").write_text("{}")
+    files = R.list_files(str(out), R.READERS["jsonl"].suffixes)
+    assert [rel for _, rel in files] == ["part-00000-0000.jsonl.gz"]
+    docs = [rec for s in R.plan_inputs([str(out)]) for rec in R.read_shard(s)]
+    assert [d["id"] for d in docs] == ["a"]
 
 
 def test_fsspec_memory_url_and_glob():

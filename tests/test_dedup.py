@@ -19,6 +19,7 @@ from data_pipeline.dedup.minhash import (MinHashConfig, MinHasher, jaccard, opti
                                          words_re)
 from data_pipeline.dedup.spill import RecordIndex
 from data_pipeline.steps import StepError, build_step
+from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
 
 
 def real_texts(count: int, words: int = 300) -> list[str]:
@@ -267,6 +268,28 @@ def test_decontamination_removes_exactly_the_planted_overlaps(tmp_path):
     assert isinstance(step, Decontaminate)
 
 
+def test_decontamination_sets_skip_and_count_bad_records(tmp_path, capsys):
+    from data_pipeline.dedup.decontam import EvalIndex, load_eval_texts
+
+    evals = [{"id": f"q{i}", "text": t} for i, t in enumerate(real_texts(20, 40))]
+    good = tmp_path / "quiz.jsonl.xz"
+    dio.write_jsonl(str(good), evals[:3])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "one two"}\n{broken\n{"question": "no text"}\n{"text": "a \x00 NUL"}\n')
+    cut = tmp_path / "cut.jsonl.gz"
+    survivors = write_cut_gz(cut, evals)
+    errors: list = []
+    assert load_eval_texts(str(good)) == [e["text"] for e in evals[:3]]
+    assert load_eval_texts(str(bad), errors=errors) == ["one two"]
+    assert [(e["line"], e["kind"]) for e in errors] == [(2, "invalid_json"), (3, "bad_text"), (4, "invalid_json")]
+    assert load_eval_texts(str(bad), field=("text", "question")) == ["one two", "no text"]
+    assert load_eval_texts(str(cut)) == [e["text"] for e in survivors]
+    index = EvalIndex([str(bad), str(cut)], n=3)
+    assert index.errors == {"bad": 3, "cut": 1}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "bad.jsonl: 3 records could not be read" in err[0] and "truncated" in err[1]
+
+
 def test_dedup_cli(planted, tmp_path):
     from pretrain.cli import main
 
@@ -282,10 +305,72 @@ def test_dedup_cli(planted, tmp_path):
     kept = list(dio.read_jsonl(str(out / "kept-00000-of-00002.jsonl"))) + \
         list(dio.read_jsonl(str(out / "kept-00001-of-00002.jsonl")))
     clusters = list(dio.read_jsonl(str(out / "clusters.jsonl")))
-    assert report["documents_in"] == len(docs) and report["errors"] == 1
+    assert report["documents_in"] == len(docs) + 1 and report["errors"] == 1
+    assert report["error_kinds"] == {"invalid_json": 1}
+    assert report["documents_in"] == report["documents_out"] + sum(report["dropped"].values()) + report["errors"]
     assert report["documents_out"] == len(kept) == len(docs) - len(clusters)
     assert report["stats"]["spill_runs"] > 1
     assert kept[0] == dict(docs[0], extra={"k": 0})  # fields and order kept
     by_id = {d["id"]: j for d, j in zip(docs, truth)}
     assert all(by_id[c["id"]] >= 0.8 and c["kept"] == c["id"].split("v")[0] for c in clusters)
     assert main(["dedup", "--input", str(a), "--output", str(out), "--threshold", "2"]) == 2
+    assert main(["dedup", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)]) == 2
+
+
+@pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
+def test_dedup_cli_truncated_stream(tmp_path, capsys, cut):
+    from pretrain.cli import main
+
+    texts = real_texts(30, 60)
+    path = tmp_path / ("docs.jsonl.gz" if cut is write_cut_gz else "docs.jsonl.zst")
+    survivors = cut(path, [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "out"
+    assert main(["dedup", "--input", str(path), "--output", str(out)]) == 0
+    assert list(dio.read_jsonl(str(out / "kept-00000-of-00001.jsonl"))) == survivors  # distinct texts: all kept
+    assert_one_truncated_row(read_rows(out / "errors.jsonl"), path, survivors)
+    report = json.loads((out / "report.json").read_text())
+    n = len(survivors)
+    assert (report["documents_in"], report["documents_out"], report["errors"]) == (n + 1, n, 1)
+    assert f"{n + 1} records in, {n} kept, 0 dropped" in capsys.readouterr().out
+
+
+def test_dedup_cli_reads_parquet_and_wet(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pretrain.cli import main
+
+    texts = real_texts(6, 60)
+    pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "body": texts[:3]}), tmp_path / "a.parquet")
+    wet = b""
+    for i, t in enumerate(texts[3:]):
+        body = t.encode()
+        wet += gzip.compress(f"WARC/1.0\r\nWARC-Type: conversion\r\nWARC-Target-URI: https://x.org/{i}\r\n"
+                             f"WARC-Date: 2024-03-01T12:00:00Z\r\nWARC-Record-ID: <urn:uuid:{i:08d}-0000-0000-0000-"
+                             f"000000000000>\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+                             .encode() + body + b"\r\n\r\n")
+    (tmp_path / "b.warc.wet.gz").write_bytes(wet)
+    out = tmp_path / "out"
+    assert main(["dedup", "--input", str(tmp_path / "a.parquet"), str(tmp_path / "b.warc.wet.gz"), "--output",
+                 str(out), "--text-key", "body"]) == 0
+    kept = [d for i in range(2) for d in dio.read_jsonl(str(out / f"kept-0000{i}-of-00002.jsonl"))]
+    assert [d["text"] for d in kept] == texts and [d["id"] for d in kept[:3]] == ["p0", "p1", "p2"]
+    assert kept[3]["url"] == "https://x.org/0"
+
+
+def test_dedup_cli_writes_to_a_url(tmp_path):
+    import fsspec
+
+    from pretrain.cli import main
+
+    path = tmp_path / "docs.jsonl"
+    dio.write_jsonl(str(path), [{"id": f"d{i}", "text": t} for i, t in enumerate(real_texts(5, 60))])
+    assert main(["dedup", "--input", str(path), "--output", "memory://dedup-out", "--memory-budget", "1"]) == 0
+    fs = fsspec.filesystem("memory")
+    assert sorted(fs.ls("/dedup-out", detail=False)) == [
+        "/dedup-out/clusters.jsonl", "/dedup-out/errors.jsonl", "/dedup-out/kept-00000-of-00001.jsonl",
+        "/dedup-out/report.json"]
+    assert json.loads(fs.cat("/dedup-out/report.json"))["documents_out"] == 5
+    assert not os.path.exists("memory:")

@@ -126,7 +126,9 @@ def test_packed_equals_train_eval_loss_and_command(shards, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["checkpoint_step"] == 2 and out["total"]["tokens"] > 0 and out["total"]["bits_per_byte"] > 0
     assert main(["eval", str(run), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "matches no file" in capsys.readouterr().err
-    (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "ok"}\n{"id": "b"}\n')
-    assert main(["eval", str(run), "--data", str(tmp_path / "bad.jsonl")]) == 2
-    assert "bad.jsonl:2: missing text" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "ok"}\n{"id": "b"}\n{broken\n')
+    assert main(["eval", str(run), "--data", str(tmp_path / "bad.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["errors"] == 2  # skipped and counted, not a crash
+    assert main(["eval", str(run), "--data", str(tmp_path / "bad.jsonl")]) == 0
+    assert "1 documents, 2 bad records skipped" in capsys.readouterr().out

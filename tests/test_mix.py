@@ -8,6 +8,7 @@ import pytest
 from data_pipeline import io as dio
 from data_pipeline.mix import copies, mix, parse_assignments, plan_epochs
 from test_dedup import real_texts
+from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +68,40 @@ def test_epochs_cli(sources, tmp_path, capsys):
     rep = json.loads((tmp_path / "e" / "mix.json").read_text())
     assert rep["sources"]["code"]["documents_out"] == 20
     assert 10 <= rep["sources"]["crawl"]["documents_out"] <= 30
+    # documents_in + repeats = documents_out + sum(dropped) + errors
+    assert rep["documents_in"] == 50 and rep["repeats"] == 10 and rep["errors"] == 0
+    assert rep["dropped"] == {"mix:not_sampled": 40 - rep["sources"]["crawl"]["documents_out"]}
+    assert rep["documents_in"] + rep["repeats"] == rep["documents_out"] + sum(rep["dropped"].values())
+    assert (tmp_path / "e" / "errors.jsonl").read_text() == ""
+    assert "50 records in" in capsys.readouterr().out
+    assert main(["mix", "--input", str(tmp_path / "nope.jsonl"), "--epochs", "x=1", "--output", str(tmp_path / "n")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has source 'books'|no epochs"):
         mix([f"books={sources / 'books.jsonl'}"], str(tmp_path / "x"), epochs={"code": 1})
+
+
+@pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
+def test_truncated_stream_keeps_complete_lines(tmp_path, capsys, cut):
+    from pretrain.cli import main
+
+    path = tmp_path / ("web.jsonl.gz" if cut is write_cut_gz else "web.jsonl.zst")
+    survivors = cut(path, [{"id": f"w{i}", "text": t} for i, t in enumerate(real_texts(30, 60))])
+    assert main(["mix", "--input", f"web={path}", "--epochs", "web=1", "--shards", "1",
+                 "--output", str(tmp_path / "m")]) == 0
+    assert [d["id"] for d in dio.read_jsonl(str(tmp_path / "m" / "mix-00000-of-00001.jsonl"))] == \
+        [d["id"] for d in survivors]
+    assert_one_truncated_row(read_rows(tmp_path / "m" / "errors.jsonl"), path, survivors)
+    rep = json.loads((tmp_path / "m" / "mix.json").read_text())
+    n = len(survivors)
+    assert (rep["documents_in"], rep["documents_out"], rep["errors"], rep["dropped"]) == (n + 1, n, 1, {})
+    assert f"{n + 1} records in, {n} written (0 repeats), 0 dropped, 1 errors" in capsys.readouterr().out
+
+
+def test_writes_to_a_url(sources):
+    import fsspec
+
+    rep = mix([str(sources / "code.jsonl")], "memory://mix-out", epochs={"code": 1}, shards=1)
+    fs = fsspec.filesystem("memory")
+    assert json.loads(fs.cat("/mix-out/mix.json")) == rep
+    assert len(list(dio.read_jsonl("memory://mix-out/mix-00000-of-00001.jsonl"))) == 10
+    assert fs.cat("/mix-out/errors.jsonl") == b""

@@ -1,6 +1,8 @@
 """GPT-3-style quality classifier: trains, separates, saves/loads exactly, filters reproducibly."""
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import numpy as np
@@ -10,6 +12,7 @@ from data_pipeline import io as dio
 from data_pipeline.quality import QualityModel, VectorizerConfig, pareto_keep, train
 from data_pipeline.steps import StepError, build_step
 from test_dedup import real_texts
+from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,48 @@ def test_cli_train(corpora, tmp_path, capsys):
     assert main(["quality", "train", "--positive", str(corpora / "pos.jsonl"), "--negative", str(corpora / "neg.jsonl"),
                  "--output", str(tmp_path / "m"), "--features", "4096"]) == 0
     assert (tmp_path / "m.npz").exists() and "heldout_accuracy" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def model_prefix(corpora, tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("qm") / "m")
+    train([str(corpora / "pos.jsonl")], [str(corpora / "neg.jsonl")], vec=VectorizerConfig(n_features=1 << 12)).save(prefix)
+    return prefix
+
+
+@pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
+def test_cli_score_truncated_stream(model_prefix, tmp_path, capsys, cut):
+    from pretrain.cli import main
+
+    path = tmp_path / ("crawl.jsonl.gz" if cut is write_cut_gz else "crawl.jsonl.zst")
+    survivors = cut(path, [{"id": f"c{i}", "text": t} for i, t in enumerate(real_texts(30, 60))])
+    out = tmp_path / "scored" / "crawl.jsonl"
+    assert main(["quality", "score", "--model", model_prefix, "--input", str(path), "--output", str(out)]) == 0
+    scored = list(dio.read_jsonl(str(out)))
+    assert [{k: v for k, v in d.items() if k != "quality_score"} for d in scored] == survivors
+    assert all(0.0 < d["quality_score"] < 1.0 for d in scored)
+    assert sorted(os.listdir(out.parent)) == ["crawl.errors.jsonl", "crawl.jsonl"]
+    assert_one_truncated_row(read_rows(out.parent / "crawl.errors.jsonl"), path, survivors)
+    n = len(survivors)
+    assert f"{n + 1} records in, {n} scored, 0 dropped, 1 errors -> {out.parent / 'crawl.errors.jsonl'}" in \
+        capsys.readouterr().out
+
+
+def test_train_counts_bad_records_and_score_writes_to_a_url(corpora, model_prefix, tmp_path, capsys):
+    import fsspec
+
+    from pretrain.cli import main
+
+    neg = tmp_path / "neg.jsonl"
+    neg.write_bytes((corpora / "neg.jsonl").read_bytes() + b"{broken\n")
+    assert main(["quality", "train", "--positive", str(corpora / "pos.jsonl"), "--negative", str(neg),
+                 "--output", "memory://q/m", "--features", "4096"]) == 0
+    assert '"errors": {"positive": 0, "negative": 1}' in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/q/m.npz") and json.loads(fs.cat("/q/m.json"))["metrics"]["negative"] == 60
+    assert main(["quality", "score", "--model", model_prefix, "--input", str(neg), "--output",
+                 "memory://q/scored.jsonl.gz"]) == 0
+    assert len(list(dio.read_jsonl("memory://q/scored.jsonl.gz"))) == 60
+    assert [r["kind"] for r in dio.read_jsonl("memory://q/scored.errors.jsonl")] == ["invalid_json"]
+    assert main(["quality", "score", "--model", str(tmp_path / "none"), "--input", str(neg), "--output", "x"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -12,7 +12,9 @@ from array_record.python import array_record_module
 
 from data_pipeline import demo_corpus
 from data_pipeline import io as dio
+from data_pipeline import readers as R
 from data_pipeline import tokenize as tok
+from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
 
 WORDS = ("the of and to in is for that with as on by this data model token shard loss step "
          "def return import class self if else for while None True False print").split()
@@ -154,12 +156,17 @@ def test_bad_records_are_counted_and_set_aside(model, tmp_path):
         f.write((json.dumps(good[2]) + "\n").encode())
     out = str(tmp_path / "out")
     m = tok.encode_to_shards([str(path)], out, model, num_shards=2, eval_fraction=0.0, workers=1)
-    assert m["documents"] == 3
+    assert m["documents"] == 4  # the document without an id gets a generated one
     errs = [json.loads(x) for x in open(os.path.join(out, "errors.jsonl"))]
-    assert [e["line"] for e in errs] == [2, 3, 5, 6, 7, 9, 10]  # line 4 is blank: not a record
+    # line 4 is blank: not a record; the empty text (line 9) is named by its id
+    assert [(e.get("line"), e.get("id"), e["kind"]) for e in errs] == [
+        (2, None, "invalid_json"), (3, None, "bad_text"), (5, None, "bad_text"), (6, None, "not_object"),
+        (None, "e", "empty_text"), (10, None, "invalid_utf8")]
     assert all(e["file"] == str(path) for e in errs)
-    assert m["errors"]["count"] == 7 and m["inputs"][0] == {"path": str(path), "documents": 3, "errors": 7}
-    assert m["errors"]["reasons"]["invalid JSON"] == 1 and m["errors"]["reasons"]["empty text"] == 1
+    assert m["errors"]["count"] == 6 and m["inputs"][0] == {"path": str(path), "documents": 4, "errors": 6}
+    assert m["errors"]["kinds"] == {"bad_text": 2, "empty_text": 1, "invalid_json": 1, "invalid_utf8": 1,
+                                    "not_object": 1}
+    assert (m["documents_in"], m["documents_out"], m["dropped"]) == (10, 4, {})
     assert errs[0]["raw"] == "{not json"
     assert "eval" not in m["splits"]  # eval_fraction=0: no eval shards
 
@@ -238,8 +245,37 @@ def test_cli_trains_then_encodes(corpus, tmp_path, capsys):
     bad = parser.parse_args(["--input", corpus[0], "--output", out, "--model", "x.model", "--train-model"])
     assert tok.main(bad) == 2
     missing = parser.parse_args(["--input", str(tmp_path / "nope.jsonl"), "--output", out, "--model", "x"])
-    assert tok.main(missing) == 1
-    assert "matches no file" in capsys.readouterr().err
+    assert tok.main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_remote_output_is_refused_up_front(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    tok.add_arguments(parser)
+    assert tok.main(parser.parse_args(["--input", corpus[0], "--output", "memory://shards"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output memory://shards" in err and "copy" in err
+    assert os.listdir(tmp_path) == []  # no local folder named after the URL
+
+
+@pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
+def test_truncated_stream_keeps_complete_lines(model, tmp_path, capsys, cut):
+    from pretrain.cli import main
+
+    path = tmp_path / ("docs.jsonl.gz" if cut is write_cut_gz else "docs.jsonl.zst")
+    survivors = cut(path, make_docs(80, seed=3))
+    out = tmp_path / "out"
+    assert main(["tokenize", "--input", str(path), "--output", f"file://{out}", "--model", model,
+                 "--num-shards", "1", "--eval-fraction", "0", "--workers", "1"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert sorted(sp.decode(r.tolist()) for r in read_shard(str(out / "train-00000-of-00001.array_record"))) == \
+        sorted(d["text"] for d in survivors)
+    assert_one_truncated_row(read_rows(out / "errors.jsonl"), path, survivors)
+    assert (m["documents_in"], m["documents_out"], m["errors"]["count"]) == (len(survivors) + 1, len(survivors), 1)
+    assert f"{len(survivors) + 1} records in, {len(survivors)} documents out, 0 dropped, 1 set aside" in \
+        capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- io
@@ -261,14 +297,44 @@ def test_read_jsonl_strict_names_file_and_line(tmp_path):
         list(dio.read_jsonl(str(p)))
 
 
-def test_expand_inputs(tmp_path):
+def test_directory_and_glob_inputs(tmp_path):
     (tmp_path / "d").mkdir()
-    for name in ["b.jsonl", "a.jsonl.gz", "skip.txt"]:
+    for name in ["b.jsonl", "a.jsonl.gz", "c.json.xz", "skip.txt"]:
         (tmp_path / "d" / name).write_text("")
-    assert dio.expand_inputs([str(tmp_path / "d")]) == [str(tmp_path / "d" / n) for n in ["a.jsonl.gz", "b.jsonl"]]
-    assert dio.expand_inputs([str(tmp_path / "d" / "*.jsonl")]) == [str(tmp_path / "d" / "b.jsonl")]
-    with pytest.raises(FileNotFoundError, match="nothing"):
-        dio.expand_inputs([str(tmp_path / "nothing*.jsonl")])
+    names = [s.name for s in R.plan_inputs([str(tmp_path / "d")])]
+    assert names == [str(tmp_path / "d" / n) for n in ["a.jsonl.gz", "b.jsonl", "c.json.xz"]]
+    assert [s.name for s in R.plan_inputs([str(tmp_path / "d" / "*.jsonl")])] == [str(tmp_path / "d" / "b.jsonl")]
+    with pytest.raises(R.InputError, match="nothing"):
+        R.plan_inputs([str(tmp_path / "nothing*.jsonl")])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.bz2", ".jsonl.xz", ".jsonl.zst"])
+def test_jsonl_roundtrip_in_every_compression(tmp_path, suffix):
+    docs = make_docs(5)
+    assert dio.write_jsonl(str(tmp_path / ("a" + suffix)), docs) == 5
+    assert list(dio.read_jsonl(str(tmp_path / ("a" + suffix)))) == docs
+
+
+def test_outputs_to_urls_and_file_urls(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)
+    docs = make_docs(3)
+    dio.write_jsonl("memory://io-test/deep/a.jsonl.gz", docs)
+    dio.write_text("memory://io-test/r.json", "{}\n")
+    assert list(dio.read_jsonl("memory://io-test/deep/a.jsonl.gz")) == docs
+    assert fsspec.filesystem("memory").cat("/io-test/r.json") == b"{}\n"
+    dio.write_jsonl(f"file://{tmp_path}/x/b.jsonl", docs)
+    assert list(dio.read_jsonl(str(tmp_path / "x" / "b.jsonl"))) == docs
+    assert sorted(os.listdir(tmp_path)) == ["x"]  # no folder named "file:" or "memory:"
+    assert (dio.local_path("file:///a/b"), dio.local_path("a/b"), dio.local_path("gs://b/a")) == ("/a/b", "a/b", None)
+
+
+def test_read_jsonl_strict_on_a_cut_stream(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    survivors = write_cut_gz(path, make_docs(60))
+    with pytest.raises(ValueError, match=rf"cut\.jsonl\.gz:{len(survivors) + 1}: stream ended early"):
+        list(dio.read_jsonl(str(path)))
 
 
 def test_document_error():

@@ -1,8 +1,11 @@
 """Benchmark decontamination: drop documents sharing a word n-gram (13 by default) with an
 evaluation set, as GPT-3 did (Brown et al. 2020, appendix C).
 
-Evaluation sets are files: JSONL (the `field` of every object, "text" by default; a list of
-fields is joined by newlines) or plain text (one example per non-blank line). Their n-grams are
+Evaluation sets are files: JSONL (plain, .gz, .zst, .bz2, .xz: the `field` of every object, "text"
+by default; a list of fields is joined by newlines), Parquet or WET (the first field is the text
+column; the others are joined when present) or plain text (one example per non-blank line). They
+are read by `readers`: a record that cannot be read (malformed or truncated, no string field) is
+skipped and counted, with one line on stderr per file. Their n-grams are
 hashed with the same words and hashes as MinHash shingles (`minhash.word_hashes`) and kept as one
 sorted uint64 array per set; a document is checked with one vectorised `searchsorted`.
 Only full n-grams count: an example or document shorter than n words has none.
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import ClassVar, Sequence
 
 import numpy as np
 
 from data_pipeline import io as dio
+from data_pipeline import readers as R
 from data_pipeline.dedup.minhash import _NGRAM_MULT, splitmix64, word_hashes
 from data_pipeline.steps import Drop, Step, StepError, register, require
 
@@ -43,23 +48,47 @@ def set_name(path: str) -> str:
     return os.path.basename(path).split(".")[0]
 
 
-def load_eval_texts(path: str, field: str | Sequence[str] = "text") -> list[str]:
-    """Texts of an evaluation file (see the module docstring); errors name the file and line."""
+def load_eval_texts(path: str, field: str | Sequence[str] = "text", errors: list | None = None) -> list[str]:
+    """Texts of an evaluation file (see the module docstring); records that cannot be read are
+    skipped and go to `errors` as errors.jsonl rows. A missing file raises FileNotFoundError."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"evaluation set {path!r} does not exist")
     fields = [field] if isinstance(field, str) else list(field)
-    if path.endswith(dio.JSONL_SUFFIXES) or path.endswith(".json"):
-        texts = []
-        for rec in dio.iter_jsonl(path):
-            if rec.error is not None:
-                raise ValueError(f"{path}:{rec.line}: {rec.error}")
-            parts = [rec.obj[f] for f in fields if isinstance(rec.obj.get(f), str)]
-            if not parts:
-                raise ValueError(f"{path}:{rec.line}: no string field {' or '.join(map(repr, fields))}")
-            texts.append("\n".join(parts))
+    errors = errors if errors is not None else []
+    texts = []
+    if path.endswith(dio.JSONL_SUFFIXES):
+        for rec in R.read_jsonl_objects(path):
+            if isinstance(rec, R.ReadError):
+                errors.append(R.error_row(rec))
+                continue
+            line, obj = rec
+            parts = [obj[f] for f in fields if isinstance(obj.get(f), str)]
+            if parts:
+                texts.append("\n".join(parts))
+            else:
+                errors.append(R.error_row(R.ReadError(path, "bad_text", f"no string field "
+                                                      f"{' or '.join(map(repr, fields))}", {"line": line})))
         return texts
-    with dio.open_text(path) as f:
-        return [line for line in f.read().splitlines() if line.strip()]
+    if path.endswith(R.PARQUET_SUFFIXES + R.WARC_SUFFIXES):
+        for _, doc in R.read_documents(R.InputFlags(text_key=fields[0]).plan([path]), errors):
+            texts.append("\n".join([doc["text"]] + [doc[f] for f in fields[1:] if isinstance(doc.get(f), str)]))
+        return texts
+    line_no = 0
+    with dio.open_input(path) as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    errors.append(R.error_row(R.ReadError(path, "invalid_utf8", f"invalid UTF-8 at byte {e.start}",
+                                                          {"line": line_no}, len(raw))))
+                    continue
+                if line.strip():
+                    texts.append(line)
+        except dio.STREAM_ERRORS as e:
+            errors.append(R.error_row(R.ReadError(path, "truncated", f"stream ended early or is damaged: {e}",
+                                                  {"line": line_no + 1})))
+    return texts
 
 
 class EvalIndex:
@@ -68,9 +97,17 @@ class EvalIndex:
     def __init__(self, paths: Sequence[str], n: int = 13, field: str | Sequence[str] = "text"):
         self.n = n
         self.sets: dict[str, np.ndarray] = {}
+        self.errors: dict[str, int] = {}  # set name -> records that could not be read
         for path in paths:
-            grams = [ngram_hashes(t, n) for t in load_eval_texts(path, field)]
+            errors: list[dict] = []
+            grams = [ngram_hashes(t, n) for t in load_eval_texts(path, field, errors)]
             name = set_name(path)
+            if errors:
+                self.errors[name] = self.errors.get(name, 0) + len(errors)
+                first = errors[0]
+                where = next((f"{k} {first[k]}: " for k in ("line", "row", "offset") if k in first), "")
+                print(f"decontaminate: {path}: {len(errors)} records could not be read and were skipped "
+                      f"(first: {where}{first['kind']}: {first['reason']})", file=sys.stderr)
             arr = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
             self.sets[name] = np.union1d(self.sets[name], arr) if name in self.sets else arr
 
