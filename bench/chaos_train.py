@@ -80,7 +80,8 @@ def machine() -> dict:
             "platform": platform.platform(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                  * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "git_commit": git("rev-parse", "--short", "HEAD"),
-            "git_modified": [line[3:] for line in (dirty or "").splitlines()]}
+            # split, not [3:]: git() strips the output, and with it the first line's leading space (" M path")
+            "git_modified": [line.split(None, 1)[1] for line in (dirty or "").splitlines()]}
 
 
 def busy_cores_elsewhere(t0: tuple, t1: tuple) -> float | None:
