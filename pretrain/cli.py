@@ -29,11 +29,6 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    import os
-
-    # The demo is the CPU job of the README. With the `tpu` extra installed (libtpu, as `make test`
-    # installs it) JAX would first probe for a TPU and print libtpu's warnings; say CPU up front.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from pretrain.demo import run_demo
 
     run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep)
@@ -70,6 +65,12 @@ LAUNCH_TARGETS: list[tuple[str, str, str]] = [
     ("xpk", "launch.xpk", "the same training job as an xpk workload on GKE"),
     ("dataflow", "launch.dataflow", "a `danlu clean` job on Dataflow, Flink or Spark (Apache Beam)"),
 ]
+
+
+# Commands that never use an accelerator. With the `tpu` extra installed (libtpu, as `make test`
+# installs it) JAX would probe for a TPU when one of them imports it and print libtpu's start-up
+# warnings; they say CPU up front (an explicit JAX_PLATFORMS wins).
+CPU_ONLY_COMMANDS = frozenset({"demo", "tokenize", "fit", "predict", "fit-curve", "clean", "dedup", "quality", "mix"})
 
 
 # Top-level modules of the optional extras (pyproject.toml) -> (extra, what needs it): a command
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.passthrough = passthrough
+    if args.command in CPU_ONLY_COMMANDS:
+        import os
+
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         return args.func(args) or 0
     except (ConfigError, StepError) as e:

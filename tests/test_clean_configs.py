@@ -33,6 +33,17 @@ def test_preset_parses_and_builds(path):
         R.check_options(reader, C.reader_options(cfg, inp, reader, f"inputs[{i}]"), f"inputs[{i}]")
     if any(i.reader == "warc" and "response" in C.reader_options(cfg, i, "warc", "").records for i in cfg.inputs):
         assert steps[0].name == "html_extract"
-    # an override reaches a step
-    first = steps[-1].name
-    assert C.load_config(path, [f"steps.{first}.step={first}"]).steps[-1]["step"] == first
+    # an override reaches a step: a numeric parameter of the last step with one, changed
+    import dataclasses
+
+    for step in reversed(steps):
+        numeric = [f for f in dataclasses.fields(step) if type(getattr(step, f.name)) in (int, float)]
+        if numeric:
+            break
+    else:
+        return
+    field = numeric[0].name
+    old = getattr(step, field)
+    value = old + 1 if isinstance(old, int) else (old / 2 if old else 0.5)  # stays in range (fractions too)
+    built = build_steps(list(C.load_config(path, [f"steps.{step.name}.{field}={value}"]).steps))
+    assert getattr(next(s for s in built if s.name == step.name), field) == value

@@ -60,3 +60,18 @@ def test_extras_table_names_real_extras():
     assert {extra for extra, _ in cli.EXTRAS.values()} <= set(extras)
     assert cli.missing_extra(ModuleNotFoundError(name="apache_beam.metrics")) == cli.EXTRAS["apache_beam"]
     assert cli.missing_extra(ModuleNotFoundError(name="yaml")) is None
+
+
+def test_cpu_only_commands_do_not_probe_for_a_tpu(tmp_path):
+    """`danlu fit-curve` imports jax; with libtpu installed (the `tpu` extra, as in CI) it used to
+    print libtpu's start-up warnings on every call."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    run = sorted((Path(__file__).resolve().parent.parent / "bench" / "data" / "scaling_cpu_demo" / "runs").iterdir())[0]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit-curve", str(run)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]

@@ -99,6 +99,10 @@ def test_cli_refuses_invalid_config_before_compiling(capsys):
     assert "is larger than the 8 devices available" in capsys.readouterr().err
 
 
-def test_mesh_axes_names():
-    assert MESH_AXES == ("data", "fsdp", "tensor")
-    assert isinstance(load_config(None), Config)
+def test_rules_accept_exactly_the_mesh_axes():
+    """The rules table's check (config, no jax) and the mesh (sharding) name the same axes."""
+    for axis in MESH_AXES:
+        assert dict(load_config(None, [f"rules.embed=[{axis}]"]).rules)["embed"] == (axis,)
+    with pytest.raises(ConfigError, match="rules.embed: unknown mesh axis 'model'"):
+        load_config(None, ["rules.embed=[model]"])
+    assert {a for _, axes in load_config(None).rules for a in axes} <= set(MESH_AXES)

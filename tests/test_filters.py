@@ -60,10 +60,13 @@ def test_split_words_matches_spacy_shapes(text, words):
 
 def test_view_reuses_splits_of_the_same_text_only():
     a = "one two three"
-    assert T.view(a) is T.view(a)
-    b = "".join(["one two ", "three"])  # equal, but another object: split again
-    assert T.view(b) is not T.view(a) or a is b
-    assert T.view(b).words == ["one", "two", "three"]
+    va = T.view(a)
+    assert T.view(a) is va  # the same string object: reused
+    b = "".join(["one two ", "three"])
+    assert b == a and b is not a  # equal text, another object (a step may have built it)
+    vb = T.view(b)
+    assert vb is not va  # identity, not equality, is the key: split again
+    assert vb.text is b and vb.words == ["one", "two", "three"]
 
 
 # --- Gopher quality ------------------------------------------------------------------------------
