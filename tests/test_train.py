@@ -36,29 +36,55 @@ def _built(overrides: tuple, n_devices):
 
 
 def run(overrides, steps=3, n_devices=None, batches=None):
-    """Trains ``steps`` steps from the initial state (compiled once per config, state copied)."""
+    """Trains ``steps`` steps from the initial state (compiled once per config, state copied).
+
+    Returns (losses, params, built, state); the grad norms are in ``GRAD_NORMS[overrides]``.
+    """
     built = _built(tuple(overrides), n_devices)
-    state, losses = jax.tree.map(lambda x: x.copy(), built.state), []  # the step donates its input
+    state, losses, norms = jax.tree.map(lambda x: x.copy(), built.state), [], []  # the step donates its input
     for i in range(steps):
         b = batches[i] if batches else batch(seed=i)
         state, m = built.train_step(state, jax.device_put(b, built.batch_sharding))
         losses.append(float(m["loss"]))
+        norms.append(float(m["grad_norm"]))
+    GRAD_NORMS[tuple(overrides)] = norms
     return losses, jax.device_get(state.params), built, state
+
+
+GRAD_NORMS: dict[tuple, list[float]] = {}
+
+
+def assert_same_training(overrides, ref_overrides, state, ref_state):
+    """Grad norms and optimizer states equal too, not only losses and parameters: a gradient scaled
+    uniformly by a wrong factor leaves the parameters almost unchanged under clipping and Adam
+    (both normalise it away), but not the grad norm or Adam's moments."""
+    np.testing.assert_allclose(GRAD_NORMS[tuple(overrides)], GRAD_NORMS[tuple(ref_overrides)], rtol=1e-5)
+    opt, ref_opt = jax.device_get(state.opt_state), jax.device_get(ref_state.opt_state)
+    assert jax.tree.structure(opt) == jax.tree.structure(ref_opt)
+    for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(ref_opt)):
+        # Adam's second moments are squares of ~1e-4 gradients: the summation order of a sharded
+        # reduction moves their small entries by a few 1e-3 relative; a scale bug moves all by ~100%.
+        scale = float(np.max(np.abs(b))) if np.size(b) else 0.0
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
 
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 
 
+UNSHARDED = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
 @pytest.fixture(scope="module")
 def unsharded():
-    return run(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    return run(UNSHARDED)
 
 
 @pytest.mark.parametrize("mesh", MESHES[1:], ids=str)
 def test_sharded_equals_unsharded(mesh, unsharded):
-    ref_losses, ref_params, _, _ = unsharded
+    ref_losses, ref_params, _, ref_state = unsharded
     d, f, t = mesh
-    losses, params, built, state = run([f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"])
+    overrides = [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"]
+    losses, params, built, state = run(overrides)
     # The mesh really is what the test says, and the parameters really are sharded on it.
     assert dict(built.mesh.shape) == {"data": d, "fsdp": f, "tensor": t}
     q = state.params["blocks"]["attn"]["q"]
@@ -68,6 +94,7 @@ def test_sharded_equals_unsharded(mesh, unsharded):
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    assert_same_training(overrides, UNSHARDED, state, ref_state)
 
 
 def test_training_changes_the_parameters(unsharded):
@@ -81,11 +108,12 @@ def test_training_changes_the_parameters(unsharded):
 def test_accumulated_microbatches_equal_full_batch(micro, mesh):
     d, f, t = mesh
     m = [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"]
-    full_losses, full_params, _, _ = run(m, steps=2)
-    acc_losses, acc_params, _, _ = run(m + [f"train.microbatches={micro}"], steps=2)
+    full_losses, full_params, _, full_state = run(m, steps=2)
+    acc_losses, acc_params, _, acc_state = run(m + [f"train.microbatches={micro}"], steps=2)
     np.testing.assert_allclose(acc_losses, full_losses, rtol=2e-6)
     for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(full_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    assert_same_training(m + [f"train.microbatches={micro}"], m, acc_state, full_state)
 
 
 def test_padding_is_ignored_by_the_loss():
