@@ -69,7 +69,10 @@ def test_cpu_only_commands_do_not_probe_for_a_tpu(tmp_path):
     import subprocess
     from pathlib import Path
 
-    run = sorted((Path(__file__).resolve().parent.parent / "bench" / "data" / "scaling_cpu_demo" / "runs").iterdir())[0]
+    import shutil
+
+    recorded = sorted((Path(__file__).resolve().parent.parent / "bench" / "data" / "scaling_cpu_demo" / "runs").iterdir())[0]
+    run = shutil.copytree(recorded, tmp_path / recorded.name)  # fit-curve writes curve_fit.json into the run
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit-curve", str(run)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
