@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,6 +54,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The CPU accounting of the training chaos benchmark beside this file (bench/ is on sys.path when run).
+from chaos_train import _cpu_marks, busy_cores_elsewhere  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 INPUT_FILES = 16
@@ -99,22 +101,6 @@ def accelerator() -> str | None:
         if found:
             return str(found[0])
     return None
-
-
-def busy_cores_elsewhere(t0: tuple, t1: tuple) -> float | None:
-    """Cores other processes kept busy between two `_cpu_marks()` (ours and our children excluded)."""
-    if t0[0] is None or t1[0] is None or t1[2] <= t0[2]:
-        return None
-    return max(0.0, ((t1[0] - t0[0]) - (t1[1] - t0[1])) / (t1[2] - t0[2]))
-
-
-def _cpu_marks() -> tuple:
-    from pretrain.flops import machine_busy_cpu_seconds
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # counted once the child has been waited for
-    ours = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-    return machine_busy_cpu_seconds(), ours, time.perf_counter()
 
 
 # --------------------------------------------------------------------------- inputs and commands

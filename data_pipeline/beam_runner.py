@@ -51,7 +51,8 @@ from data_pipeline.dedup import exact, lsh
 from data_pipeline.dedup.minhash import MinHasher, band_keys, shingles, string_hash64
 from data_pipeline.dedup.stages import (CorpusStage, ExactStage, LinesStage, MinHashStage, StepStage, UrlStage,
                                         build_stages, stage_name)
-from data_pipeline.loop import ShardStats, doc_bytes, process_records
+from data_pipeline.loop import ShardStats, process_records
+from data_pipeline.readers import doc_bytes
 from data_pipeline.steps import Drop, Step
 
 NS = "danlu"

@@ -32,11 +32,6 @@ from data_pipeline import readers as R
 from data_pipeline.steps import Drop, Step
 
 
-def doc_bytes(doc: dict) -> int:
-    """Bytes a document weighs in the report: UTF-8 bytes of its text (and of its HTML before extraction)."""
-    return R.doc_bytes(doc)
-
-
 def empty_counts() -> dict:
     return {"documents_in": 0, "documents_out": 0, "dropped": {}, "errors": 0, "bytes_in": 0, "bytes_out": 0,
             "bytes_dropped": {}, "bytes_errors": 0, "bytes_edited": 0, "pii_redactions": {}}
@@ -130,7 +125,7 @@ def process_records(records: Iterable[R.Record], steps: Sequence[Step], shard: R
             continue
         doc = rec
         src = doc.get("source") or source  # readers label documents with the shard's source
-        n_in = doc_bytes(doc)
+        n_in = R.doc_bytes(doc)
         stats.read(src, n_in)
         if n_in > limit:
             yield error(src, R.ReadError(shard.name, "too_large", f"document {doc['id']} of {n_in} bytes "
@@ -167,7 +162,7 @@ def process_records(records: Iterable[R.Record], steps: Sequence[Step], shard: R
                           {"id": current.get("id"), "source": src, "text": current["text"][:600]})
             yield "rejected", {**current, "drop_reason": drop.reason}
         else:
-            stats.kept(src, n_in, doc_bytes(current), current.get("pii_redactions"))
+            stats.kept(src, n_in, R.doc_bytes(current), current.get("pii_redactions"))
             yield "doc", current
 
 

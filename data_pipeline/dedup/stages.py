@@ -232,7 +232,8 @@ def run_stages(stages: list[CorpusStage], files: list[str], out_dir: str, ctx: S
     "per_source": {source: {"dropped": {reason: n}, "bytes_dropped": {...}, "bytes_edited": n}},
     "examples": {reason: [...]}}.
     """
-    from data_pipeline.loop import ShardStats, doc_bytes
+    from data_pipeline.loop import ShardStats
+    from data_pipeline.readers import doc_bytes
 
     os.makedirs(out_dir, exist_ok=True)
     current = list(files)
