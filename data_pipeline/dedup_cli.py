@@ -134,13 +134,15 @@ def main(args: argparse.Namespace) -> int:
         cfg = MinHashConfig(threshold=args.threshold, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
                             rows=args.rows, keep=args.keep, score_field=args.score_field, scope=args.scope,
                             verify=args.verify, seed=args.seed)
-        flags = R.InputFlags.from_args(args)
-        flags.plan(args.input)
     except ValueError as e:
         print(f"danlu dedup: error: {e}", file=sys.stderr)
         return 2
-    report = dedup_files(args.input, args.output, cfg, memory_budget_mb=args.memory_budget, workers=args.workers,
-                         flags=flags)
+    try:  # the inputs are planned (and checked) first thing, before any work
+        report = dedup_files(args.input, args.output, cfg, memory_budget_mb=args.memory_budget,
+                             workers=args.workers, flags=R.InputFlags.from_args(args))
+    except R.InputError as e:
+        print(f"danlu dedup: error: {e}", file=sys.stderr)
+        return 2
     st = report["stats"]
     print(f"{report['documents_in']} records in, {report['documents_out']} kept, "
           f"{sum(report['dropped'].values())} dropped ({report['dropped']['minhash:near_duplicate']} near-duplicates "

@@ -191,14 +191,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         weights = parse_assignments(args.weights, "--weights")
         epochs = parse_assignments(args.epochs, "--epochs")
-        plan_sources(args.input, flags)
     except ValueError as e:
         print(f"danlu mix: error: {e}", file=sys.stderr)
         return 2
     try:
         report = mix(args.input, args.output, weights=weights, epochs=epochs, total_chars=args.total_chars,
                      shards=args.shards, seed=args.seed, flags=flags)
-    except ValueError as e:  # weights or epochs that do not match the sources found
+    except ValueError as e:  # missing inputs (planned before any work), weights or epochs not matching the sources
         print(f"danlu mix: error: {e}", file=sys.stderr)
         return 2
     for src, s in report["sources"].items():
