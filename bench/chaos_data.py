@@ -31,9 +31,9 @@
 
 The commands (clean resumes: committed shards are skipped; tokenize starts over):
 
-    clean           python -m pretrain.cli clean configs/data/demo.yaml output.docs_per_shard=10
+    clean           python -m danlu.cli clean configs/data/demo.yaml output.docs_per_shard=10
                         --input CORPUS/part-*.jsonl --output OUT --workers 2 --no-progress
-    tokenize_train  python -m pretrain.cli tokenize --input CLEAN/documents EXTRA --output OUT
+    tokenize_train  python -m danlu.cli tokenize --input CLEAN/documents EXTRA --output OUT
                         --train-model --vocab-size 4096 --num-shards 4 --eval-fraction 0.02 --workers 2
     tokenize_model  the same with --model REF/tokenize_train/out/tokenizer.model instead of --train-model
 
@@ -138,7 +138,7 @@ def build_inputs(work: Path, max_bytes: int) -> bool:
 
 def command(name: str, out: Path, work: Path, shown: bool = False) -> list[str]:
     """The command line of `name` writing to `out`; `shown`: with placeholders, for the report."""
-    py = [sys.executable, "-m", "pretrain.cli"]
+    py = [sys.executable, "-m", "danlu.cli"]
     corpus = (["CORPUS/part-*.jsonl"] if shown
               else sorted(str(p) for p in (work / "corpus").glob("part-*.jsonl")))
     if name == "clean":

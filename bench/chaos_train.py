@@ -21,7 +21,7 @@
 
 The command (logging every step, so the step a kill interrupted is known to within one):
 
-    python -m pretrain.cli train configs/train/tiny.yaml data.path=SHARDS train.run_dir=RUN
+    python -m danlu.cli train configs/train/tiny.yaml data.path=SHARDS train.run_dir=RUN
         model.vocab_size=512 model.d_model=64 model.n_layers=2 data.seq_len=64
         train.global_batch_size=8 checkpoint.every=10 train.steps=STEPS
         optimizer.warmup_steps=min(60, STEPS/5) logging.log_every=1
@@ -114,7 +114,7 @@ def build_shards(work: Path) -> Path:
 
 
 def train_command(shards: Path, run_dir: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "pretrain.cli", "train", str(REPO / "configs/train/tiny.yaml"),
+    return [sys.executable, "-m", "danlu.cli", "train", str(REPO / "configs/train/tiny.yaml"),
             f"data.path={shards}", f"train.run_dir={run_dir}", "model.vocab_size=512", "model.d_model=64",
             "model.n_layers=2", "data.seq_len=64", "train.global_batch_size=8", "checkpoint.every=10",
             f"train.steps={steps}", f"optimizer.warmup_steps={min(60, steps // 5)}", "logging.log_every=1"]

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import io as dio  # noqa: E402
+from danlu.base import fs as dio  # noqa: E402
 
 MAX_CHARS = 200_000  # one document; longer ones are cut (a real crawl caps pages too)
 

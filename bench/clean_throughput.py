@@ -31,7 +31,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import io as dio  # noqa: E402
+from danlu.base import fs as dio  # noqa: E402
 from data_pipeline.filters.c4 import C4  # noqa: E402
 from data_pipeline.filters.fineweb import FineWeb  # noqa: E402
 from data_pipeline.filters.gopher import GopherQuality, GopherRepetition  # noqa: E402

@@ -91,7 +91,7 @@ def build_corpus(path: str, max_mb: float) -> dict:
     order = sorted(files, key=lambda r: hashlib.blake2b(r.encode(), digest_size=8).digest())
     budget = int(max_mb * 1e6)
     size = docs = 0
-    from data_pipeline.io import JsonlWriter
+    from danlu.base.fs import JsonlWriter
 
     with JsonlWriter(path) as w:
         for rel in order:
@@ -113,7 +113,7 @@ def build_corpus(path: str, max_mb: float) -> dict:
 
 
 def load(path: str) -> list[dict]:
-    from data_pipeline.io import read_jsonl
+    from danlu.base.fs import read_jsonl
 
     return list(read_jsonl(path))
 

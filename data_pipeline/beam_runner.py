@@ -453,7 +453,7 @@ def run_job_beam(job: Any, beam_args: Sequence[str] = (), cc_rounds: int | None 
 
     from data_pipeline import report as report_mod
     from data_pipeline.dedup.stages import apply_to_report
-    from data_pipeline.io import dumps_line
+    from danlu.base.fs import dumps_line
 
     cfg = job.config
     out = job.output_dir.rstrip("/")
@@ -521,7 +521,7 @@ def run_docs_beam(docs: Iterable[dict], steps: Sequence[Step], stage_specs: Sequ
     from data_pipeline import readers as R
     from data_pipeline import report as report_mod
     from data_pipeline.dedup.stages import apply_to_report
-    from data_pipeline.io import dumps_line, read_jsonl
+    from danlu.base.fs import dumps_line, read_jsonl
 
     stages = build_stages(stage_specs)
     shard = R.Shard(0, "memory", "", (("<in-memory documents>", ""),), R.CommonOptions())

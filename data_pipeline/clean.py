@@ -50,13 +50,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from data_pipeline import readers as R
-from data_pipeline.io import dumps_line, local_path
+from danlu.base.fs import dumps_line, local_path
 from data_pipeline.loop import ShardStats, process_records
 from data_pipeline.steps import Drop, Step, StepError, build_steps
-from pretrain.config import ConfigError, _build, read_yaml_mapping, unknown_key_error
+from danlu.base.config import ConfigError, build, parse_override, read_yaml_mapping, set_path, unknown_key_error
 
 STATE_DIR = ".state"
 DOCUMENTS_DIR = "documents"
@@ -115,7 +114,7 @@ def _build_input(raw: Any, where: str) -> InputConfig:
     options = raw.pop("options", None) or {}
     if not isinstance(options, dict):
         raise ConfigError(f"{where}.options: expected a mapping of reader options, got {options!r}")
-    cfg = _build(InputConfig, raw, where)
+    cfg = build(InputConfig, raw, where)
     if not cfg.path:
         raise ConfigError(f"{where}: no `path`")
     return dataclasses.replace(cfg, options=tuple(options.items()))
@@ -139,7 +138,7 @@ def config_from_dict(tree: dict) -> CleanConfig:
         raise ConfigError(f"readers: expected a mapping, got {readers!r}")
     if not isinstance(steps, list):
         raise ConfigError(f"steps: expected a list of steps, got {steps!r}")
-    cfg = _build(CleanConfig, tree, "")
+    cfg = build(CleanConfig, tree, "")
     cfg = dataclasses.replace(cfg, inputs=tuple(_build_input(x, f"inputs[{i}]") for i, x in enumerate(inputs)),
                               readers=tuple(readers.items()), steps=tuple(steps), stages=tuple(stages),
                               stage_options=tuple(stage_options.items()))
@@ -148,7 +147,7 @@ def config_from_dict(tree: dict) -> CleanConfig:
         if k in R.READERS:
             if not isinstance(v, dict):
                 raise ConfigError(f"readers.{k}: expected a mapping of options, got {v!r}")
-            _build(R.READERS[k].options, v, f"readers.{k}")  # unknown keys and types, named as written
+            build(R.READERS[k].options, v, f"readers.{k}")  # unknown keys and types, named as written
         elif k not in common:
             raise unknown_key_error(str(k), [*common, *R.READERS], "readers")
     if cfg.runner not in RUNNERS:
@@ -184,33 +183,18 @@ def _set_step_param(steps: list, ref: str, param: str, value: Any, item: str) ->
 
 
 def apply_override(tree: dict, item: str) -> None:
-    """Applies one dotted ``key=value`` override to a YAML tree (value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (for example output.dir=out/web)")
-    key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
-    parts = key.strip().split(".")
+    """Applies one dotted ``key=value`` override to a job's YAML tree: the common parser, plus
+    ``steps.<index or name>.<param>`` and bare input paths that become ``{path: ...}`` to take keys."""
+    parts, value = parse_override(item, "output.dir=out/web")
     if parts[0] == "steps" and len(parts) == 3:
         steps = tree.setdefault("steps", [])
         if not isinstance(steps, list):
             raise ConfigError(f"override {item!r}: steps is not a list")
         _set_step_param(steps, parts[1], parts[2], value, item)
         return
-    node: Any = tree
-    for p in parts[:-1]:
-        if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
-                raise ConfigError(f"override {item!r}: {p!r} is not an index of a list of {len(node)}")
-            if isinstance(node[int(p)], str):  # a bare input path becomes a mapping to take keys
-                node[int(p)] = {"path": node[int(p)]}
-            node = node[int(p)]
-        else:
-            node = node.setdefault(p, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
-    if isinstance(node, list):
-        raise ConfigError(f"override {key!r}: give an index after {parts[-2]!r}")
-    node[parts[-1]] = value
+    if parts[0] == "inputs" and isinstance(tree.get("inputs"), list):
+        tree["inputs"] = [{"path": x} if isinstance(x, str) else x for x in tree["inputs"]]
+    set_path(tree, parts, value, item)
 
 
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), *,
@@ -260,7 +244,7 @@ def reader_options(cfg: CleanConfig, inp: InputConfig, reader: str, where: str) 
     common = {k: v for k, v in readers.items() if k not in R.READERS}
     raw = {**common, **(readers.get(reader) or {}), **dict(inp.options)}
     try:
-        return _build(spec.options, raw, f"{where}.options ({reader} reader)")
+        return build(spec.options, raw, f"{where}.options ({reader} reader)")
     except ConfigError:
         raise
     except TypeError as e:

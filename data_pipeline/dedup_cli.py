@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 from data_pipeline.dedup.fuzzy import DedupResult, fuzzy_dedup
 from data_pipeline.dedup.minhash import MinHashConfig

@@ -34,7 +34,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 DOCS_SHARE = 0.5  # at most this share of the budget goes to rendered docs; code fills the rest

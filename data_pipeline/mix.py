@@ -33,7 +33,7 @@ import sys
 from collections import Counter
 from typing import Iterator, Sequence
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 
 MIX_REPORT = "mix.json"

@@ -38,7 +38,7 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 from data_pipeline.steps import Drop, Step, StepError, register, require
 

@@ -25,7 +25,7 @@ Every command that reads documents goes through here (`danlu clean` by its confi
 `dedup`, `mix`, `quality`, `eval` and decontamination's evaluation sets by `InputFlags.plan` +
 `read_documents`, with the flags of `add_input_arguments`), so all of them read the same formats
 and set aside the same bad records as errors.jsonl rows (`error_row`). Files are opened by
-`data_pipeline.io.open_input`.
+`danlu.base.fs.open_input`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import fsspec
 
 # The bytes layer: opening paths and URLs, decompression with truncation detected (importable from
 # here too, as before the split).
-from data_pipeline.io import JSONL_SUFFIXES, STREAM_ERRORS, _ZstdReader, is_url, open_input  # noqa: F401
+from danlu.base.fs import JSONL_SUFFIXES, STREAM_ERRORS, _ZstdReader, is_url, open_input  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # What a reader yields besides documents

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 
 log = logging.getLogger(__name__)

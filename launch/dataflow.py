@@ -7,7 +7,7 @@
 
 It builds (and, without `--dry-run`, runs) the command line of the Beam runner of `danlu clean`::
 
-    python -m pretrain.cli clean CONFIG [overrides] --runner beam --output OUT -- <Beam pipeline options>
+    python -m danlu.cli clean CONFIG [overrides] --runner beam --output OUT -- <Beam pipeline options>
 
 Everything after `--` is Beam's (``PipelineOptions``): for Dataflow `--runner=DataflowRunner
 --project --region --temp_location --staging_location --job_name --machine_type --max_num_workers
@@ -88,7 +88,7 @@ def build_commands(args, dist_dir: str = "dist") -> list[list[str]]:
             raise LaunchError(f"--option {item!r}: expected KEY=VALUE (a Beam pipeline option)")
         key, value = item.split("=", 1)
         opts.append(f"--{key.lstrip('-')}={value}")
-    cmds.append([sys.executable, "-m", "pretrain.cli", "clean", args.config, *args.overrides, "--runner", "beam",
+    cmds.append([sys.executable, "-m", "danlu.cli", "clean", args.config, *args.overrides, "--runner", "beam",
                  "--output", args.output, "--", *opts])
     return cmds
 

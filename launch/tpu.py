@@ -288,7 +288,7 @@ def run_script(job: TpuJob, config_yaml: str) -> str:
     """
     py = shlex.quote(job.python)
     env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(job.env.items()))
-    train = f"env PYTHONUNBUFFERED=1 {env + ' ' if env else ''}{py} -m pretrain.cli train {JOB_DIR}/config.yaml"
+    train = f"env PYTHONUNBUFFERED=1 {env + ' ' if env else ''}{py} -m danlu.cli train {JOB_DIR}/config.yaml"
     inner = [f"{train} > {JOB_DIR}/train.log 2>&1 & pid=$!", f"echo $pid > {JOB_DIR}/train.pid"]
     if job.gcs_logs:
         dest = shlex.quote(job.gcs_logs.rstrip("/") + f"/{job.name}/") + '"$(hostname).log"'

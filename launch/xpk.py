@@ -10,7 +10,7 @@ builds (and, without `--dry-run`, runs) one argument list::
 
 The launch config is the one of `danlu launch tpu` (name, config, overrides, run_dir, project, zone,
 accelerator_type, num_slices, env); `SCRIPT` writes the resolved, validated training config into the
-container and starts `python3 -m pretrain.cli train` on it (xpk sets up jax.distributed and the
+container and starts `python3 -m danlu.cli train` on it (xpk sets up jax.distributed and the
 MEGASCALE variables of multi-slice jobs). The image must have danlu installed with the `tpu` extra
 (`pip install '.[tpu]'` in a Dockerfile FROM python:3.11), or give `--base-docker-image` and xpk
 builds one from `--script-dir` (default: this checkout).
@@ -40,7 +40,7 @@ def xpk_command(job: tpu.TpuJob, config_yaml: str, cluster: str, docker_image: s
     script = remote_script([
         f"mkdir -p {tpu.JOB_DIR}",
         f"printf '%s' {shlex.quote(config_yaml)} > {tpu.JOB_DIR}/config.yaml",
-        f"{('env ' + env + ' ') if env else ''}{py} -m pretrain.cli train {tpu.JOB_DIR}/config.yaml",
+        f"{('env ' + env + ' ') if env else ''}{py} -m danlu.cli train {tpu.JOB_DIR}/config.yaml",
     ])
     cmd = ["xpk", "workload", "create", f"--cluster={cluster}", f"--workload={job.name}",
            f"--tpu-type={job.accelerator_type}", f"--num-slices={job.num_slices}"]

@@ -486,12 +486,12 @@ def candidates(cfg, chips: int, num_slices: int = 1, max_tensor: int = 8,
 
 def _with(cfg, overrides: Sequence[str], num_slices: int = 1):
     """``cfg`` with dotted overrides applied (through the config loader, so they are validated alike)."""
+    from danlu.base.config import apply_override  # the loader's own override parser
     from pretrain.config import config_from_dict
-    from pretrain.config import _apply_override  # the loader's own override parser
 
     tree = cfg.to_dict()
     for item in overrides:
-        _apply_override(tree, item)
+        apply_override(tree, item)
     if num_slices > 1:
         tree["mesh"]["dcn_data"] = num_slices
     return config_from_dict(tree)

@@ -9,21 +9,17 @@ are rejected with the list of known ones; impossible combinations are rejected b
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from danlu.base.config import ConfigError, apply_override, build, read_yaml
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """An invalid config: the message names the key and what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +169,8 @@ class DistributedConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
-    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(default=DEFAULT_RULES,
+                                                                       metadata={"build": lambda raw, key: _build_rules(raw)})
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -194,124 +191,7 @@ class Config:
 # Loading
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rules":
-            out[k] = _deep_merge(out[k], v)
-        elif k == "rules" and isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}  # a preset may change some rules and keep the rest
-        else:
-            out[k] = v
-    return out
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
-    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file
-    when it is missing, not YAML, or not a mapping. `what` names the file in "... not found"."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
-    raw = read_yaml_mapping(path)
-    includes = raw.pop("include", []) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    merged: dict = {}
-    for inc in includes:
-        merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
-    return _deep_merge(merged, raw)
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Converts a YAML/CLI value to the field's type, or raises naming the key."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key)
-    if origin is tuple:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if typ is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def unknown_key_error(key: str, known: typing.Iterable[str], prefix: str) -> ConfigError:
-    """`unknown config key 'prefix.key' (did you mean ...?); known keys: ...`"""
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    full = f"{prefix}.{key}" if prefix else key
-    hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {full!r}{hint}; known keys: {', '.join(sorted(known))}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """A frozen dataclass from a mapping (YAML or dotted overrides): unknown keys are rejected with a
-    did-you-mean, values coerced to the field types; errors name the key. Also data_pipeline's configs."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if k not in fields:
-            raise unknown_key_error(str(k), fields, prefix)
-        typ = hints[k]
-        if k == "rules" and cls is Config:
-            kwargs[k] = _build_rules(v)
-        elif dataclasses.is_dataclass(typ):
-            kwargs[k] = _build(typ, v, key)
-        else:
-            kwargs[k] = _coerce(v, typ, key)
-    return cls(**kwargs)
-
-
-def _build_rules(raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _build_rules(raw: Any, key: str = "rules") -> tuple[tuple[str, tuple[str, ...]], ...]:
     if isinstance(raw, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in raw):
         raw = {name: axes for name, axes in raw}
     if not isinstance(raw, dict):
@@ -329,36 +209,22 @@ def _build_rules(raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def _apply_override(tree: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (for example model.d_model=512)")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
-    parsed = yaml.safe_load(value) if value.strip() else ""
-    node[parts[-1]] = parsed
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Loads a YAML preset (or the defaults when ``path`` is None) and applies ``key=value`` overrides.
 
     Rejects unknown keys and values of the wrong type; call :func:`validate` for the checks that
     depend on the devices.
     """
-    tree = _read_yaml(Path(path)) if path is not None else {}
+    tree = read_yaml(path, includes=True) if path is not None else {}
     for item in overrides:
-        _apply_override(tree, item)
-    cfg = _build(Config, tree, "")
+        apply_override(tree, item)
+    cfg = build(Config, tree)
     check_static(cfg)
     return cfg
 
 
 def config_from_dict(tree: dict) -> Config:
-    cfg = _build(Config, tree, "")
+    cfg = build(Config, tree)
     check_static(cfg)
     return cfg
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.dedup.stages import StageContext, build_stages, run_stages
 
 beam = pytest.importorskip("apache_beam")
@@ -119,7 +119,7 @@ def test_danlu_clean_local_and_beam_keep_the_same_documents(corpus, tmp_path):
 
     import yaml
 
-    from pretrain.cli import main
+    from danlu.cli import main
 
     dio.write_jsonl(str(tmp_path / "a.jsonl"), corpus[:40])
     dio.write_jsonl(str(tmp_path / "b.jsonl"), corpus[40:])
@@ -172,7 +172,7 @@ def test_a_reader_failing_mid_shard_keeps_what_it_read_on_both_runners(tmp_path,
     import yaml
 
     from data_pipeline import readers as R
-    from pretrain.cli import main
+    from danlu.cli import main
 
     def flaky(shard, counters):
         for i in range(3):

@@ -91,7 +91,7 @@ def test_clean_killed_mid_shard_reruns_to_same_bytes(tmp_path):
     def cmd(out):
         # No dedup stages: they would drop the duplicated documents of a part that a rerun appended
         # to, and hide the fault; the map phase's own bytes are compared.
-        return [sys.executable, "-m", "pretrain.cli", "clean", str(ROOT / "configs/data/demo.yaml"),
+        return [sys.executable, "-m", "danlu.cli", "clean", str(ROOT / "configs/data/demo.yaml"),
                 "output.docs_per_shard=10", "stages=[]", "--input", *inputs, "--output", str(out),
                 "--workers", "2", "--no-progress"]
 
@@ -146,7 +146,7 @@ def test_tokenize_killed_while_encoding_reruns_to_same_bytes(tmp_path):
     model = train_tokenizer(inputs, str(tmp_path / "tok"), vocab_size=512, num_threads=1)
 
     def cmd(out):
-        return [sys.executable, "-m", "pretrain.cli", "tokenize", "--input", *inputs, "--output", str(out),
+        return [sys.executable, "-m", "danlu.cli", "tokenize", "--input", *inputs, "--output", str(out),
                 "--model", model, "--num-shards", "4", "--eval-fraction", "0.05", "--workers", "2"]
 
     # The uninterrupted run, timing its encoding: from the shard files' creation to the exit.

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import zstandard
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 
 

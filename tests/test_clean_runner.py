@@ -382,7 +382,7 @@ def _english_page(rng, i):
 def test_web_preset_end_to_end_on_a_warc(tmp_path):
     """configs/data/web.yaml through `danlu clean` on a WARC written here: extraction, language,
     Gopher, C4, FineWeb, PII; every record accounted for."""
-    from pretrain.cli import main as danlu
+    from danlu.cli import main as danlu
     from test_clean_readers import _http, _warc_bytes
 
     rng = random.Random(0)

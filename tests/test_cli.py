@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pretrain.cli as cli
+import danlu.cli as cli
 
 
 def test_clean_beam_without_the_beam_extra(tmp_path, monkeypatch, capsys):
@@ -74,7 +74,7 @@ def test_cpu_only_commands_do_not_probe_for_a_tpu(tmp_path):
     recorded = sorted((Path(__file__).resolve().parent.parent / "bench" / "data" / "scaling_cpu_demo" / "runs").iterdir())[0]
     run = shutil.copytree(recorded, tmp_path / recorded.name)  # fit-curve writes curve_fit.json into the run
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit-curve", str(run)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "danlu.cli", "fit-curve", str(run)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]

@@ -69,7 +69,7 @@ def test_launch_config_matches_its_training_config(path):
 
 def test_shipped_125m_v5e16_compiles_and_fits(capsys):
     """CI's real TPU compile: the exact train step, memory per chip from XLA, JSON report, exit 0."""
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["compile", str(TPU_DIR / "125m-v5e-16.yaml"), "--topology", "v5e:4x4", "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -90,7 +90,7 @@ def test_shipped_125m_v5e16_compiles_and_fits(capsys):
 
 def test_does_not_fit_exits_4_and_names_the_knobs(capsys):
     """configs/train/25m.yaml as shipped (fp32, no remat, 32 sequences per chip) overflows a v5e-4."""
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["compile", str(CONFIGS_DIR / "train" / "25m.yaml"), "--topology", "v5e:2x2"])
     out = capsys.readouterr().out

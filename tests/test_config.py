@@ -92,7 +92,7 @@ def test_invalid_config_is_rejected_with_its_message(overrides, devices, message
 
 
 def test_cli_refuses_invalid_config_before_compiling(capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["train", str(CONFIGS_DIR / "train" / "tiny.yaml"), "mesh.data=16", "mesh.fsdp=1"])
     assert rc == 2

@@ -11,7 +11,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.dedup import exact, lsh
 from data_pipeline.dedup.decontam import Decontaminate, ngram_hashes
 from data_pipeline.dedup.fuzzy import fuzzy_dedup
@@ -291,7 +291,7 @@ def test_decontamination_sets_skip_and_count_bad_records(tmp_path, capsys):
 
 
 def test_dedup_cli(planted, tmp_path):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     docs, truth = planted
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.zst"
@@ -319,7 +319,7 @@ def test_dedup_cli(planted, tmp_path):
 
 @pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
 def test_dedup_cli_truncated_stream(tmp_path, capsys, cut):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     texts = real_texts(30, 60)
     path = tmp_path / ("docs.jsonl.gz" if cut is write_cut_gz else "docs.jsonl.zst")
@@ -340,7 +340,7 @@ def test_dedup_cli_reads_parquet_and_wet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pretrain.cli import main
+    from danlu.cli import main
 
     texts = real_texts(6, 60)
     pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "body": texts[:3]}), tmp_path / "a.parquet")
@@ -363,7 +363,7 @@ def test_dedup_cli_reads_parquet_and_wet(tmp_path):
 def test_dedup_cli_writes_to_a_url(tmp_path):
     import fsspec
 
-    from pretrain.cli import main
+    from danlu.cli import main
 
     path = tmp_path / "docs.jsonl"
     dio.write_jsonl(str(path), [{"id": f"d{i}", "text": t} for i, t in enumerate(real_texts(5, 60))])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.dedup.stages import StageContext, apply_to_report, build_stages, run_stages
 from data_pipeline.report import balanced
 from data_pipeline.steps import StepError

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def danlu_train(run_dir, shards, *extra):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
+    cmd = [sys.executable, "-m", "danlu.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
            f"data.path={shards}", f"train.run_dir={run_dir}", "model.vocab_size=512", "model.d_model=64",
            "model.n_layers=2", "data.seq_len=64", "train.global_batch_size=8", "optimizer.warmup_steps=5",
            "logging.log_every=5", "train.eval_every=20", "data.eval_batches=2", "mesh.data=2", "mesh.fsdp=2",
@@ -58,7 +58,7 @@ def _free_port() -> int:
 def test_two_processes_equal_one(shards, tmp_path):
     """A fake pod: 2 processes x 2 CPU devices (gloo collectives), each loading only its half of
     every global batch, give the losses of 1 process with 4 devices."""
-    args = [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
+    args = [sys.executable, "-m", "danlu.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
             f"data.path={shards}", "model.vocab_size=512", "model.d_model=64", "model.n_layers=2",
             "data.seq_len=64", "train.global_batch_size=8", "optimizer.warmup_steps=2", "train.steps=6",
             "logging.log_every=2", "train.eval_every=6", "data.eval_batches=1", "mesh.data=2", "mesh.fsdp=2",

@@ -110,7 +110,7 @@ def test_windows_equal_documents_scored_one_by_one(shards, tmp_path):
 
 
 def test_packed_equals_train_eval_loss_and_command(shards, tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
     from pretrain.train import train
 
     run = tmp_path / "run"

@@ -35,7 +35,7 @@ def corpus(tmp_path_factory) -> F.FaultCorpus:
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `danlu ARGV`; an argparse error is exit code 2."""
-    from pretrain.cli import main
+    from danlu.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

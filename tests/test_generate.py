@@ -152,7 +152,7 @@ def test_bad_requests_are_refused():
 
 def test_sample_command(shards, tmp_path, capsys):
     """`danlu sample RUN --prompt ...`: the tokenizer is found through the run's data manifest."""
-    from pretrain.cli import main
+    from danlu.cli import main
     from pretrain.hf import write_run
 
     m = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)

@@ -248,7 +248,7 @@ def test_tokenizer_json_matches_sentencepiece_on_a_corpus(shards, kind, tmp_path
     """tokenizer.json, rebuilt from the sentencepiece model, encodes a real corpus identically."""
     import sentencepiece as spm
 
-    from data_pipeline.io import read_jsonl
+    from danlu.base.fs import read_jsonl
     from data_pipeline.tokenize import train_tokenizer
     from pretrain.hf import sentencepiece_to_tokenizers
 

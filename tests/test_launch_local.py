@@ -96,7 +96,7 @@ def test_signals_are_forwarded_and_output_is_prefixed(tmp_path):
 def test_two_processes_through_the_launcher_equal_one(shards, tmp_path):
     """`launch local -n 2 --devices-per-process 2 -- danlu train ...` gives the losses of one
     process with 4 devices (the same global mesh data=2 x fsdp=2)."""
-    train = [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
+    train = [sys.executable, "-m", "danlu.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
              f"data.path={shards}", "model.vocab_size=512", "model.d_model=64", "model.n_layers=2",
              "data.seq_len=64", "train.global_batch_size=8", "optimizer.warmup_steps=2", "train.steps=6",
              "logging.log_every=2", "train.eval_every=6", "data.eval_batches=1", "mesh.data=2", "mesh.fsdp=2",

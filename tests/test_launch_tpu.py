@@ -124,7 +124,7 @@ def test_multislice_golden_and_config():
 
 
 def test_run_script_starts_train_with_the_resolved_config(tmp_path):
-    """The remote script, run here by bash, writes the config and starts `python -m pretrain.cli train`."""
+    """The remote script, run here by bash, writes the config and starts `python -m danlu.cli train`."""
     j = job(python=str(tmp_path / "fakepy"), env={"LIBTPU_INIT_ARGS": "--xla_tpu_x=1 $(rm -rf /)"})
     # A stand-in interpreter that records how it was called (argv and the environment asked for).
     (tmp_path / "fakepy").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\" > args.txt\nprintf '%s' \"$LIBTPU_INIT_ARGS\" > env.txt\n")
@@ -141,7 +141,7 @@ def test_run_script_starts_train_with_the_resolved_config(tmp_path):
             break
         time.sleep(0.05)
     assert (work / "danlu-job" / "exit_code").read_text().strip() == "0"
-    assert (work / "args.txt").read_text().split() == ["-m", "pretrain.cli", "train", "danlu-job/config.yaml"]
+    assert (work / "args.txt").read_text().split() == ["-m", "danlu.cli", "train", "danlu-job/config.yaml"]
     assert (work / "env.txt").read_text() == "--xla_tpu_x=1 $(rm -rf /)"  # reached intact, never expanded
     from pretrain.config import load_config
     assert load_config(work / "danlu-job" / "config.yaml") == cfg
@@ -153,7 +153,7 @@ def test_run_script_starts_train_with_the_resolved_config(tmp_path):
 
 def test_arguments_with_spaces_and_metacharacters_reach_gcloud_intact(fake_gcloud, capsys):
     set_rules, calls = fake_gcloud
-    from pretrain.cli import main
+    from danlu.cli import main
 
     nasty = "lm team; rm -rf / && echo $HOME `id` 'q' \"dq\""
     rc = main(["launch", "tpu", "create", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
@@ -165,7 +165,7 @@ def test_arguments_with_spaces_and_metacharacters_reach_gcloud_intact(fake_gclou
 
 
 def test_missing_project_or_zone_is_a_clear_error(fake_gcloud, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "tpu", "create", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--dry-run"])
     assert rc == 2
@@ -181,7 +181,7 @@ def test_project_from_gcloud_config(fake_gcloud, capsys):
     set_rules, calls = fake_gcloud
     set_rules([{"match": "get-value project", "answers": [{"stdout": "from-gcloud\n"}]},
                {"match": "get-value compute/zone", "answers": [{"stdout": "europe-west4-b\n"}]}])
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "tpu", "delete", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--zone", "",
                "--dry-run"])
@@ -191,7 +191,7 @@ def test_project_from_gcloud_config(fake_gcloud, capsys):
 
 def test_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
     set_rules, calls = fake_gcloud
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "tpu", "up", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
                "--zone", "z", "--dry-run"])
@@ -199,7 +199,7 @@ def test_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("gcloud compute tpus queued-resources create danlu-125m-v5e-16 --project=p --zone=z")
     assert any(" -m pip wheel " in l for l in lines) and any("tpu-vm scp" in l for l in lines)
-    assert "pretrain.cli train danlu-job/config.yaml" in lines[-1]
+    assert "danlu.cli train danlu-job/config.yaml" in lines[-1]
     assert all(shlex.split(l) for l in lines)
     assert [c for c in calls() if "get-value" not in " ".join(c)] == []  # nothing ran
 
@@ -228,7 +228,7 @@ def test_watch_recreates_a_preempted_queued_resource_and_resumes(fake_gcloud, tm
             continue
         verb = " ".join(argv[2:4]) if argv[2] == "queued-resources" else argv[3]
         if verb == "ssh":
-            verb = "ssh:" + ("install" if "pip install" in joined else "run" if "pretrain.cli train" in joined
+            verb = "ssh:" + ("install" if "pip install" in joined else "run" if "danlu.cli train" in joined
                              else "check" if "echo running" in joined else "exit_code")
         verbs.append(verb)
     assert verbs == [
@@ -242,7 +242,7 @@ def test_watch_recreates_a_preempted_queued_resource_and_resumes(fake_gcloud, tm
     ]
     assert slept == [7] * 7  # between the 8 polls
     assert any("SUSPENDED (preempted or failed)" in l for l in log)
-    run_argv = [a for a in calls() if "pretrain.cli train" in " ".join(a)][-1]
+    run_argv = [a for a in calls() if "danlu.cli train" in " ".join(a)][-1]
     assert '"run_dir": "gs://b/r"' in run_argv[-1]  # the resumed run uses the same run directory
 
 
@@ -282,7 +282,7 @@ def test_bad_launch_configs_are_refused(tmp_path):
 
 
 def test_xpk_golden(capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "xpk", "--launch", str(TPU_DIR / "launch-7b-2xv6e-256.yaml"), "--project", "p",
                "--cluster", "c1", "--docker-image", "us-docker.pkg.dev/p/danlu/danlu:1", "--dry-run"])
@@ -293,7 +293,7 @@ def test_xpk_golden(capsys):
                          "--num-slices=2", "--docker-image=us-docker.pkg.dev/p/danlu/danlu:1", "--project=p",
                          "--zone=us-east5-b", "--max-restarts=3"]
     script = argv[-1].removeprefix("--command=")
-    assert script.endswith("python3 -m pretrain.cli train danlu-job/config.yaml")
+    assert script.endswith("python3 -m danlu.cli train danlu-job/config.yaml")
     written = shlex.split(script.split("; ")[1])  # printf '%s' CONFIG > danlu-job/config.yaml
     cfg = json.loads(written[2])
     assert cfg["mesh"]["dcn_data"] == 2 and cfg["distributed"]["auto"] is True
@@ -301,7 +301,7 @@ def test_xpk_golden(capsys):
 
 
 def test_xpk_needs_a_cluster(capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "xpk", "--launch", str(TPU_DIR / "launch-125m-v5e-16.yaml"), "--project", "p",
                "--docker-image", "img", "--dry-run"])
@@ -310,7 +310,7 @@ def test_xpk_needs_a_cluster(capsys):
 
 def test_dataflow_golden(fake_gcloud, capsys):
     from launch.tpu import wheel_name
-    from pretrain.cli import main
+    from danlu.cli import main
 
     cfg = "configs/data/my job.yaml"  # a space reaches the command intact
     rc = main(["launch", "dataflow", cfg, "output.compression=zst", "--project", "p", "--region", "us-central1",
@@ -319,7 +319,7 @@ def test_dataflow_golden(fake_gcloud, capsys):
     assert rc == 0
     build, run = [shlex.split(l) for l in capsys.readouterr().out.strip().splitlines()]
     assert build == [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", "dist", str(ROOT)]
-    assert run == [sys.executable, "-m", "pretrain.cli", "clean", cfg, "output.compression=zst", "--runner", "beam",
+    assert run == [sys.executable, "-m", "danlu.cli", "clean", cfg, "output.compression=zst", "--runner", "beam",
                    "--output", "gs://b/clean/web", "--", "--runner=DataflowRunner", "--project=p",
                    "--region=us-central1", "--temp_location=gs://b/tmp", "--staging_location=gs://b/tmp/staging",
                    "--job_name=danlu-clean-my-job", "--machine_type=n2-standard-8", "--max_num_workers=50",
@@ -327,7 +327,7 @@ def test_dataflow_golden(fake_gcloud, capsys):
 
 
 def test_dataflow_flink_spark_and_errors(fake_gcloud, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "dataflow", "c.yaml", "--runner", "flink", "--flink-master", "localhost:8081",
                "--parallelism", "4", "--output", "out", "--container-image", "img:1", "--dry-run"])
@@ -350,7 +350,7 @@ def test_dataflow_flink_spark_and_errors(fake_gcloud, capsys):
 
 
 def test_watch_dry_run_prints_only_commands(fake_gcloud, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     rc = main(["launch", "tpu", "watch", "--launch", str(TPU_DIR / "launch-7b-2xv6e-256.yaml"), "--project", "p",
                "--dry-run"])
@@ -358,7 +358,7 @@ def test_watch_dry_run_prints_only_commands(fake_gcloud, capsys):
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
     assert all(shlex.split(l)[0] in ("gcloud", sys.executable) for l in lines)
-    assert sum("pretrain.cli train" in l for l in lines) == 2  # one run command per slice
+    assert sum("danlu.cli train" in l for l in lines) == 2  # one run command per slice
     assert "installing danlu and starting training" in out.err
 
 
@@ -386,7 +386,7 @@ def test_sweep_on_tpu_installs_once_runs_each_point_and_records_its_row(fake_gcl
     assert rows[0]["run_dir"] == "gs://b/sweep/C3.00e17_d448_L10"
     joined = [" ".join(a) for a in calls()]
     assert sum("pip install" in c for c in joined) == 1
-    runs = [c for c in joined if "pretrain.cli train" in c]
+    runs = [c for c in joined if "danlu.cli train" in c]
     assert len(runs) == 2
     for name, d_model, cmd in zip(only, (448, 704), runs):
         assert f'"run_dir": "gs://b/sweep/{name}"' in cmd and f'"d_model": {d_model},' in cmd

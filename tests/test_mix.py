@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.mix import copies, mix, parse_assignments, plan_epochs
 from test_dedup import real_texts
 from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
@@ -61,7 +61,7 @@ def test_weights_give_the_shares_and_tokenize_counts_sources(sources, tmp_path):
 
 
 def test_epochs_cli(sources, tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     assert main(["mix", "--input", str(sources / "web.jsonl"), str(sources / "code.jsonl"), "--epochs",
                  "crawl=0.5,code=2", "--output", str(tmp_path / "e"), "--shards", "1"]) == 0
@@ -82,7 +82,7 @@ def test_epochs_cli(sources, tmp_path, capsys):
 
 @pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
 def test_truncated_stream_keeps_complete_lines(tmp_path, capsys, cut):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     path = tmp_path / ("web.jsonl.gz" if cut is write_cut_gz else "web.jsonl.zst")
     survivors = cut(path, [{"id": f"w{i}", "text": t} for i, t in enumerate(real_texts(30, 60))])

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.quality import QualityModel, VectorizerConfig, pareto_keep, train
 from data_pipeline.steps import StepError, build_step
 from test_dedup import real_texts
@@ -89,7 +89,7 @@ def test_pareto_rule_is_reproducible_and_order_free(corpora, tmp_path):
 
 
 def test_cli_train(corpora, tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     assert main(["quality", "train", "--positive", str(corpora / "pos.jsonl"), "--negative", str(corpora / "neg.jsonl"),
                  "--output", str(tmp_path / "m"), "--features", "4096"]) == 0
@@ -105,7 +105,7 @@ def model_prefix(corpora, tmp_path_factory):
 
 @pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
 def test_cli_score_truncated_stream(model_prefix, tmp_path, capsys, cut):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     path = tmp_path / ("crawl.jsonl.gz" if cut is write_cut_gz else "crawl.jsonl.zst")
     survivors = cut(path, [{"id": f"c{i}", "text": t} for i, t in enumerate(real_texts(30, 60))])
@@ -124,7 +124,7 @@ def test_cli_score_truncated_stream(model_prefix, tmp_path, capsys, cut):
 def test_train_counts_bad_records_and_score_writes_to_a_url(corpora, model_prefix, tmp_path, capsys):
     import fsspec
 
-    from pretrain.cli import main
+    from danlu.cli import main
 
     neg = tmp_path / "neg.jsonl"
     neg.write_bytes((corpora / "neg.jsonl").read_bytes() + b"{broken\n")

@@ -25,7 +25,7 @@ TINY = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "data.se
 
 
 def command(run_dir, shards, *extra):
-    return [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
+    return [sys.executable, "-m", "danlu.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
             f"data.path={shards}", f"train.run_dir={run_dir}", *TINY, *extra]
 
 

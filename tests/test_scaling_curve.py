@@ -134,7 +134,7 @@ def test_bad_table_input_names_file_line_and_column(tmp_path):
 def test_an_impossible_prediction_is_failed_not_printed(tmp_path, capsys):
     """A loss that rises during a decaying schedule: the fitted forms would predict a final loss
     above the last one (or a rising loss): they are marked failed and the command prints no number."""
-    from pretrain.cli import main
+    from danlu.cli import main
 
     T = 1000
     step = np.arange(50, T + 1, 50)
@@ -187,7 +187,7 @@ def test_a_run_still_going(tmp_path):
 
 
 def test_fit_curve_cli_and_errors(tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     run, _ = synthetic_run(tmp_path, "cosine")
     assert main(["fit-curve", str(run), "--fraction", "0.3", "--bootstrap", "5", "--plot", str(tmp_path / "c.png")]) == 0

@@ -139,7 +139,7 @@ def test_bad_tables_say_what_is_wrong(tmp_path):
 
 
 def test_fit_cli_writes_fit_json_and_plots_and_predict_reads_it(tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     runs = synth(seed=5)
     p = tmp_path / "runs.csv"
@@ -281,7 +281,7 @@ def test_stratified_resamples_keep_every_budget_and_its_size():
 
 
 def test_backtest_rows_are_fits_of_the_budgets_below(tmp_path, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     runs, _, _ = planted(seed=4, budgets=np.logspace(18, 20, 5))
     p = tmp_path / "runs.csv"

@@ -114,7 +114,7 @@ def test_shipped_sweep_configs_plan():
 
 
 def test_one_real_point_runs_is_recorded_and_then_skipped(tmp_path, shards, capsys):
-    from pretrain.cli import main
+    from danlu.cli import main
     from pretrain.scaling.curve import fit_curve
     from pretrain.scaling.runner import COLUMNS, read_rows, run_sweep
 

@@ -11,7 +11,7 @@ import sentencepiece as spm
 from array_record.python import array_record_module
 
 from data_pipeline import demo_corpus
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 from data_pipeline import tokenize as tok
 from truncated import assert_one_truncated_row, read_rows, write_cut_gz, write_cut_zst
@@ -261,7 +261,7 @@ def test_remote_output_is_refused_up_front(corpus, tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("cut", [write_cut_gz, write_cut_zst])
 def test_truncated_stream_keeps_complete_lines(model, tmp_path, capsys, cut):
-    from pretrain.cli import main
+    from danlu.cli import main
 
     path = tmp_path / ("docs.jsonl.gz" if cut is write_cut_gz else "docs.jsonl.zst")
     survivors = cut(path, make_docs(80, seed=3))

@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline import readers as R
 from data_pipeline.dedup.minhash import _NGRAM_MULT, splitmix64, word_hashes
 from data_pipeline.steps import Drop, Step, StepError, register, require

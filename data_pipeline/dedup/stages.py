@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from data_pipeline import io as dio
+from danlu.base import fs as dio
 from data_pipeline.dedup import exact
 from data_pipeline.dedup.fuzzy import fuzzy_dedup
 from data_pipeline.dedup.minhash import MinHashConfig

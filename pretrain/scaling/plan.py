@@ -33,9 +33,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pretrain.config import Config, ConfigError, _build, load_config, read_yaml_mapping
+from danlu.base.config import ConfigError, apply_override, build, read_yaml_mapping
+from pretrain.config import Config, load_config
 from pretrain.flops import count_params, flops_per_token, training_flops
 
 
@@ -146,16 +146,9 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     path = Path(path)
     raw = read_yaml_mapping(path, "sweep config")
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        apply_override(raw, item, "train.steps=200")
     try:
-        sweep = _build(SweepConfig, raw, "")
+        sweep = build(SweepConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if not sweep.base:

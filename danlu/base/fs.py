@@ -57,6 +57,31 @@ def local_path(path: str) -> str | None:
     return None if is_url(path) else path
 
 
+# Buckets mounted as local directories (gcsfuse on Cloud TPU workers, set up by `danlu launch tpu
+# setup`): "gs://bucket=/mnt/dir[,gs://other=/mnt/other]". Readers that need POSIX files (the
+# ArrayRecord token shards) read a URL under a mounted prefix from its local directory.
+MOUNTS_ENV = "DANLU_MOUNTS"
+
+
+def mounts() -> list[tuple[str, str]]:
+    """The (URL prefix, local directory) pairs of $DANLU_MOUNTS, longest prefix first."""
+    out = []
+    for item in filter(None, (x.strip() for x in os.environ.get(MOUNTS_ENV, "").split(","))):
+        prefix, sep, local = item.partition("=")
+        if not sep or not is_url(prefix) or not local:
+            raise ValueError(f"${MOUNTS_ENV}: {item!r} is not of the form gs://bucket=/local/dir")
+        out.append((prefix.rstrip("/"), local.rstrip("/") or "/"))
+    return sorted(out, key=lambda m: -len(m[0]))
+
+
+def mounted(path: str) -> str:
+    """The local directory path of a URL under a mounted prefix ($DANLU_MOUNTS); else `path` as given."""
+    for prefix, local in mounts():
+        if path == prefix or path.startswith(prefix + "/"):
+            return local + path[len(prefix):]
+    return path
+
+
 def require_local(path: str, flag: str, what: str) -> str:
     """The local path of `path`; a remote URL raises ValueError naming `flag` and what to do instead."""
     local = local_path(path)

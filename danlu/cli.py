@@ -29,7 +29,7 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    from pretrain.demo import run_demo
+    from danlu.demo import run_demo
 
     run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep)
     return 0
