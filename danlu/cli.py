@@ -40,7 +40,7 @@ def _demo(args) -> int:
 # `danlu --help` stays fast.
 COMMANDS: list[tuple[str, str, str]] = [
     ("tokenize", "data_pipeline.tokenize", "train a sentencepiece model and/or encode documents into token shards"),
-    ("sweep", "pretrain.scaling.cmd_sweep", "plan and run a scaling sweep of small runs (configs/scaling/*.yaml) into runs.csv"),
+    ("sweep", "danlu.sweep", "plan and run a scaling sweep of small runs (configs/scaling/*.yaml) into runs.csv"),
     ("fit", "pretrain.scaling.cmd_fit", "fit scaling laws to a runs table: Chinchilla approaches 1-3, GPT-4 form, bootstrap"),
     ("predict", "pretrain.scaling.cmd_predict", "loss at (N, D) or compute-optimal N, D and loss at C, from a fit.json"),
     ("fit-curve", "pretrain.scaling.cmd_fit_curve", "fit one run's loss curve and predict its final loss"),
@@ -53,7 +53,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export-hf", "pretrain.hf", "a checkpoint as a Hugging Face LLaMA or GPT-2 directory (safetensors, tokenizer)"),
     ("import-hf", "pretrain.hf_import", "a Hugging Face LLaMA or GPT-2 model into a run directory danlu train continues"),
     ("sample", "pretrain.generate", "generate text from a checkpoint (greedy, temperature, top-k, top-p; KV cache)"),
-    ("eval", "pretrain.evaluate", "loss, perplexity and bits per byte of a checkpoint on token shards or JSONL text"),
+    ("eval", "danlu.evaluate", "loss, perplexity and bits per byte of a checkpoint on token shards or JSONL text"),
 ]
 
 # `danlu launch <target>`: same convention.

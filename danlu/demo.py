@@ -92,10 +92,10 @@ def run_demo_sweep(out: Path, bootstrap: int = 200) -> Path:
     from pretrain.scaling.fit import fit_all, read_runs
     from pretrain.scaling.plan import load_sweep
     from pretrain.scaling.plots import plot_all
-    from pretrain.scaling.runner import run_sweep
+    from danlu.sweep import run_here
 
     s = load_sweep(CONFIGS_DIR / "scaling" / "demo.yaml", [f"output={out}"])
-    run_sweep(s)
+    run_here(s)
     runs = read_runs(out / "runs.csv")
     fit = fit_all(runs, bootstrap=bootstrap)
     fit_dir = out / "fit"

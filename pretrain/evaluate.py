@@ -1,4 +1,5 @@
-"""`danlu eval`: loss, perplexity and bits per byte of a checkpoint on held-out data.
+"""Loss, perplexity and bits per byte of a checkpoint on held-out data (the library of `danlu eval`,
+whose command, in danlu/evaluate.py, reads text inputs with data_pipeline's readers).
 
 Inputs (``--data``, any mix): a directory of token shards with manifest.json (`danlu tokenize`;
 the ``--split``, default eval, read with pretrain/data.py's readers) or documents (JSONL plain,
@@ -24,13 +25,11 @@ its loss equals the run's ``eval_loss`` at that checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -148,29 +147,17 @@ def _shard_documents(path: str, split: str, vocab_size: int) -> tuple[Iterator[l
     return gen(), manifest["eos_id"]
 
 
-def _jsonl_documents(path: str, flags=None, errors: list | None = None) -> Iterator[str]:
-    """Non-empty texts of the documents of `path` (a file, glob, directory or URL; read with
-    `flags`, a readers.InputFlags); records that cannot be read go to `errors` as errors.jsonl rows.
-    Planning (a missing input) raises readers.InputError, a ValueError, before the first text."""
-    from data_pipeline import readers as R
-
-    shards = (flags or R.InputFlags()).plan([path], where="--data")
-
-    def texts():
-        for _, doc in R.read_documents(shards, errors):
-            if doc["text"]:
-                yield doc["text"]
-    return texts()
-
-
 def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, split: str = "eval",
                         seq_len: int | None = None, batch_size: int = 8, max_documents: int | None = None,
-                        packed: bool = False, batches: int | None = None, flags=None) -> dict:
+                        packed: bool = False, batches: int | None = None,
+                        documents: Callable[[str, list], Iterable[str]] | None = None) -> dict:
     """{"total": report, "inputs": {path: report}} for a Checkpoint (pretrain.generate.load_checkpoint).
 
     A report has loss (nats per token), perplexity, bits_per_byte (None when the text is
     unknown), tokens, documents, bytes, errors (records of documents that could not be read,
-    skipped). `flags` (a readers.InputFlags) says how documents are read.
+    skipped). An input that is not a directory of token shards is text: `documents(path, errors)`
+    gives its documents' texts and appends a row to `errors` for each record it could not read
+    (`danlu eval` passes data_pipeline's readers, see danlu/evaluate.py).
     """
     from pretrain.config import DataConfig
     from pretrain.generate import find_tokenizer
@@ -208,8 +195,10 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
                 docs = ((ids, len(sp.decode(ids).encode("utf-8")) if sp else None) for ids in ids_docs)
             elif sp is None:
                 raise ValueError(f"{path}: JSONL text needs the checkpoint's tokenizer; none found, pass --tokenizer MODEL")
+            elif documents is None:
+                raise ValueError(f"{path}: not a directory of token shards, and no document reader was given for text")
             else:
-                texts = _jsonl_documents(path, flags, errors)
+                texts = documents(path, errors)
                 docs, eos_id = ((sp.encode(text), len(text.encode("utf-8"))) for text in texts), sp.eos_id()
 
             def counted(docs):
@@ -229,55 +218,3 @@ def evaluate_checkpoint(ckpt, data: list[str], *, tokenizer: str | None = None, 
         total.add(t)
     return {"total": total.report(), "inputs": per_input, "seq_len": seq_len, "packed": packed,
             "checkpoint_step": ckpt.step}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoints/STEP directory")
-    parser.add_argument("--data", nargs="+", required=True,
-                        help="token shard directories and/or documents: files, globs, directories, URLs (JSONL, Parquet, WET)")
-    parser.add_argument("--split", default="eval", help="split of token shards to score (default: eval)")
-    parser.add_argument("--seq-len", type=int, default=None, help="context per window (default: the run's data.seq_len)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    parser.add_argument("--max-documents", type=int, default=None, help="score at most this many documents per input")
-    parser.add_argument("--packed", action="store_true",
-                        help="score shards exactly like the train loop's evaluation (equals the run's eval_loss)")
-    parser.add_argument("--batches", type=int, default=None, help="with --packed: batches (default: data.eval_batches)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's)")
-    parser.add_argument("--json", action="store_true", help="print the full result as one JSON object")
-    from data_pipeline.readers import add_input_arguments
-
-    add_input_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    import sys
-
-    from data_pipeline.readers import InputFlags
-    from pretrain.config import ConfigError
-    from pretrain.generate import load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(args.checkpoint, args.step)
-        result = evaluate_checkpoint(ckpt, args.data, tokenizer=args.tokenizer, split=args.split, seq_len=args.seq_len,
-                                     batch_size=args.batch_size, max_documents=args.max_documents,
-                                     packed=args.packed, batches=args.batches, flags=InputFlags.from_args(args))
-    except (FileNotFoundError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        print(f"danlu eval: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    rows = list(result["inputs"].items()) + ([("total", result["total"])] if len(result["inputs"]) > 1 else [])
-    for name, r in rows:
-        bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"
-        skipped = f", {r['errors']:,} bad records skipped" if r["errors"] else ""
-        print(f"{name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  bits/byte {bpb}  "
-              f"({r['tokens']:,} tokens, {r['documents']:,} documents{skipped})")
-    return 0

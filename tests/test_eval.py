@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pretrain.config import ModelConfig, load_config
-from pretrain.evaluate import evaluate_checkpoint, pack_windows
+from danlu.evaluate import evaluate
+from pretrain.evaluate import pack_windows
 from pretrain.generate import load_checkpoint
 from pretrain.hf import write_run
 
@@ -58,7 +59,7 @@ def test_zero_model_scores_ln_vocab(shards, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run")
     texts = ["hello world, this is a test.\n", "def f(x):\n    return x * 2  # ünïcödé", "a" * 300]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
-    result = evaluate_checkpoint(ckpt, [str(shards), str(tmp_path / "docs.jsonl")], batch_size=4)
+    result = evaluate(ckpt, [str(shards), str(tmp_path / "docs.jsonl")], batch_size=4)
     for path, r in result["inputs"].items():
         assert r["loss"] == pytest.approx(math.log(512), rel=1e-6), path
         assert r["perplexity"] == pytest.approx(512, rel=1e-5)
@@ -88,7 +89,7 @@ def test_windows_equal_documents_scored_one_by_one(shards, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(shards / "tokenizer.model"))
     texts = ["short one", "x = [i * i for i in range(10)]\nprint(x)\n" * 3, "tiny"]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
-    got = evaluate_checkpoint(ckpt, [str(tmp_path / "docs.jsonl")], seq_len=16, batch_size=2)["total"]
+    got = evaluate(ckpt, [str(tmp_path / "docs.jsonl")], seq_len=16, batch_size=2)["total"]
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(M, 0)))
 
@@ -119,7 +120,7 @@ def test_packed_equals_train_eval_loss_and_command(shards, tmp_path, capsys):
     summary = train(load_config(run / "config.yaml"), log=lambda _: None)
     ckpt = load_checkpoint(run)
     assert ckpt.step == 2
-    packed = evaluate_checkpoint(ckpt, [str(shards)], packed=True)["total"]
+    packed = evaluate(ckpt, [str(shards)], packed=True)["total"]
     assert packed["loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
 
     assert main(["eval", str(run), "--data", str(shards), "--json"]) == 0

@@ -236,9 +236,9 @@ def _kind(e) -> str:
 @pytest.mark.parametrize("reader", ["eval", "decontam"])
 def test_evaluation_text_readers_yield_exactly_the_good_texts(corpus, reader):
     from data_pipeline.dedup.decontam import load_eval_texts
-    from pretrain.evaluate import _jsonl_documents
+    from danlu.evaluate import document_texts
 
-    read = (lambda p: list(_jsonl_documents(p))) if reader == "eval" else load_eval_texts
+    read = (lambda p: list(document_texts()(p, []))) if reader == "eval" else load_eval_texts
     texts = [t for name in JSONL_NAMES for t in read(str(corpus.dir / name))]
     assert len(texts) == len(set(texts)) and set(texts) == set(_unlimited(corpus).docs.values())
 
@@ -247,13 +247,13 @@ def test_evaluation_text_readers_yield_exactly_the_good_texts(corpus, reader):
 def test_evaluation_text_readers_count_the_errors(corpus, reader):
     """The errors are handed to an `errors` list, as tokenize's and dedup's document iterators do."""
     from data_pipeline.dedup.decontam import load_eval_texts
-    from pretrain.evaluate import _jsonl_documents
+    from danlu.evaluate import document_texts
 
     errors: list = []
     for name in JSONL_NAMES:
         path = str(corpus.dir / name)
         if reader == "eval":
-            list(_jsonl_documents(path, errors=errors))
+            list(document_texts()(path, errors))
         else:
             load_eval_texts(path, errors=errors)
     expected = _unlimited(corpus)

@@ -364,9 +364,9 @@ def test_watch_dry_run_prints_only_commands(fake_gcloud, capsys):
 
 def test_sweep_on_tpu_installs_once_runs_each_point_and_records_its_row(fake_gcloud, tmp_path):
     """`danlu sweep --launch`: every point's validated config runs on the same TPU (danlu installed
-    once), each in its own gs:// run directory; its summary.json (from worker 0) becomes its runs.csv
+    once), each in its own gs:// run directory; its summary.json (from its gs:// run directory) becomes its runs.csv
     row, and a second sweep skips the recorded points."""
-    from launch.sweep import run_sweep_on_tpu
+    from danlu.sweep import run_sweep_on_tpu
     from pretrain.scaling.plan import load_sweep
 
     set_rules, calls = fake_gcloud

@@ -82,12 +82,18 @@ def test_shape_rule_hits_the_target_count():
     ({"demo_data": {"enabled": True, "eval_fraction": 0}}, r"demo_data.eval_fraction=0.0 must be in \(0, 1\)"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, change, message):
+    from danlu.sweep import check_demo_data
+
+    def plan(s):  # what `danlu sweep` checks before its first point
+        check_demo_data(s)
+        return P.plan_sweep(s)
+
     path = write_sweep(tmp_path, **change)
     if message is None:
-        P.plan_sweep(P.load_sweep(path))
+        plan(P.load_sweep(path))
         return
     with pytest.raises(ConfigError, match=message):
-        P.plan_sweep(P.load_sweep(path))
+        plan(P.load_sweep(path))
 
 
 def test_shipped_sweep_configs_plan():

@@ -83,7 +83,7 @@ class GridConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DemoDataConfig:
-    """Token shards built from the embedded demo corpus (pretrain/demo.py's sources), nothing downloaded."""
+    """Token shards built from the embedded demo corpus (danlu/demo.py's sources; built by `danlu sweep`), nothing downloaded."""
     enabled: bool = False
     vocab_size: int = 1024
     max_bytes: int = 8 * 1024 * 1024
@@ -199,13 +199,6 @@ def check_sweep(s: SweepConfig) -> None:
         raise ConfigError(f"demo_data.eval_split={s.demo_data.eval_split!r} is not one of document, module")
     if not 0 < s.demo_data.eval_fraction < 1:
         raise ConfigError(f"demo_data.eval_fraction={s.demo_data.eval_fraction} must be in (0, 1)")
-    if s.demo_data.enabled:
-        from data_pipeline.demo_corpus import package_py_files
-        for package in s.demo_data.packages:
-            try:
-                package_py_files(package)
-            except ValueError as e:
-                raise ConfigError(f"demo_data.packages: {e}") from None
     if s.predict.budget_factor <= 0 or s.predict.bootstrap < 0:
         raise ConfigError("predict: need budget_factor > 0 and bootstrap >= 0")
 

@@ -24,30 +24,6 @@ COLUMNS = ["params", "params_nonembed", "tokens", "flops", "flops_6nd", "loss", 
            "d_model", "n_layers", "n_heads", "d_ff", "batch", "seq_len", "steps", "lr", "seconds", "run_dir", "config"]
 
 
-def prepare_demo_data(s: SweepConfig, log: Callable[[str], None] = print) -> Path:
-    """Builds the demo corpus, a sentencepiece tokenizer and token shards under `<output>/data`
-    (once; reused when manifest.json is there). Nothing is downloaded."""
-    from data_pipeline.demo_corpus import build_demo_corpus
-    from data_pipeline.tokenize import encode_to_shards, train_tokenizer
-
-    shards = demo_shards_dir(s)
-    work = shards.parent
-    stamp = work / "demo_data.json"  # the settings the shards were built with; other settings rebuild them
-    settings = json.loads(json.dumps(dataclasses.asdict(s.demo_data)))  # tuples as the JSON lists read back
-    if (shards / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
-        return shards
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = work / "corpus.jsonl"
-    build_demo_corpus(str(corpus), max_bytes=s.demo_data.max_bytes, packages=s.demo_data.packages)
-    model = train_tokenizer([str(corpus)], str(work / "tokenizer"), vocab_size=s.demo_data.vocab_size)
-    split_by = "group" if s.demo_data.eval_split == "module" else "id"  # the corpus's `group` is the module
-    manifest = encode_to_shards([str(corpus)], str(shards), model, num_shards=4,
-                                eval_fraction=s.demo_data.eval_fraction, split_by=split_by)
-    stamp.write_text(json.dumps(settings) + "\n")
-    log(f"demo data: {sum(x['tokens'] for x in manifest['shards']):,} tokens in {shards}")
-    return shards
-
-
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -144,8 +120,9 @@ def run_sweep(s: SweepConfig, *, log: Callable[[str], None] = print, verbose: bo
               only: list[str] | None = None) -> list[dict]:
     """Plans (validating every point first), then trains each unfinished point; returns all rows
     of runs.csv. `only`: names of the points to run (default all)."""
-    if s.demo_data.enabled:
-        prepare_demo_data(s, log)
+    if s.demo_data.enabled and not (demo_shards_dir(s) / "manifest.json").exists():
+        raise ConfigError(f"demo_data.enabled: no token shards in {demo_shards_dir(s)}; `danlu sweep` builds them "
+                          f"(danlu.sweep.prepare_demo_data)")
     points = plan_sweep(s)
     by_name = {p.name: p for p in points}
     out = Path(s.output)
