@@ -31,7 +31,8 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from danlu.demo import run_demo
 
-    run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep)
+    run_demo(args.workdir, minutes=args.minutes, steps=args.steps, sweep=not args.no_sweep,
+             max_bytes=int(args.corpus_mb * 1_000_000))
     return 0
 
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=8.0, help="training time limit (default: 8)")
     p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
     p.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep and fit (the last ~2 minutes)")
+    p.add_argument("--corpus-mb", type=float, default=8.0, help="size of the embedded corpus in MB (default: 8)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="pretrain a decoder on token shards",

@@ -28,6 +28,13 @@ def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps
     from pretrain.train import train
 
     work = Path(workdir)
+    shards, run_dir = work / "shards", work / "run"
+    # the training config first: a bad --steps/--minutes is refused before any work
+    base = load_config(CONFIGS_DIR / "train" / "tiny.yaml")
+    cfg = load_config(CONFIGS_DIR / "train" / "tiny.yaml", [
+        f"data.path={shards}", f"train.run_dir={run_dir}", f"train.steps={steps}",
+        f"train.max_seconds={minutes * 60}", f"model.vocab_size={vocab_size}",
+        f"optimizer.warmup_steps={min(base.optimizer.warmup_steps, steps // 10)}"])  # a short demo warms up less
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -48,7 +55,6 @@ def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps
           f"dropped {report['dropped']}, {report['errors']} errors -> {cleaned}/report.md")
 
     # --- 3. tokenizer and shards ------------------------------------------------------------
-    shards = work / "shards"
     if not (shards / "manifest.json").exists():
         docs = [str(cleaned / clean.DOCUMENTS_DIR)]  # its JSONL parts, in name order
         model = train_tokenizer(docs, str(work / "tokenizer"), vocab_size=vocab_size)
@@ -59,11 +65,7 @@ def run_demo(workdir: str | os.PathLike = "demo", *, minutes: float = 8.0, steps
         print(f"[3/6] shards: reusing {shards}")
 
     # --- 4. train the tiny model ------------------------------------------------------------
-    run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: same corpus and seed, same curve
-    cfg = load_config(CONFIGS_DIR / "train" / "tiny.yaml", [
-        f"data.path={shards}", f"train.run_dir={run_dir}", f"train.steps={steps}",
-        f"train.max_seconds={minutes * 60}", f"model.vocab_size={vocab_size}"])
     print(f"[4/6] training configs/train/tiny.yaml for at most {steps} steps / {minutes:g} min -> {run_dir}")
     summary = train(cfg)
 

@@ -73,7 +73,6 @@ def test_zero_model_scores_ln_vocab(shards, tmp_path):
     assert jsonl["tokens"] == sum(len(sp.encode(t)) for t in texts)
 
 
-@pytest.mark.slow
 def test_windows_equal_documents_scored_one_by_one(shards, tmp_path):
     from flax import nnx
 
