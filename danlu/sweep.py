@@ -7,7 +7,7 @@ a sweep with `demo_data.enabled` first builds its token shards from the embedded
 
 On Cloud TPU (`--launch LAUNCH.yaml`)::
 
-    danlu sweep configs/scaling/tpu_isoflop.yaml --launch configs/scaling/launch-sweep-v5e-16.yaml --project P
+    danlu sweep configs/scaling/tpu_isoflop.yaml --launch configs/scaling/launch-tpu_isoflop.yaml --project P
     danlu sweep configs/scaling/tpu_isoflop.yaml --launch ... --project P --dry-run   # every gcloud command
 
 each unfinished point (its name not yet in the local `<output>/runs.csv`) becomes the training

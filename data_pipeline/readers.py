@@ -196,12 +196,19 @@ def _as_url(fs, path: str, template: str) -> str:
     return fs.unstrip_protocol(path) if is_url(template) else path
 
 
+# The output directories of danlu's data commands: (the file that marks one, its documents: a
+# directory/ or a file-name prefix). Their reports, errors and clusters are not documents.
+OUTPUT_DOCUMENTS = (("report.json", "documents/"),  # danlu clean
+                    ("report.json", "kept-"),  # danlu dedup
+                    ("mix.json", "mix-"))  # danlu mix
+
+
 def list_files(path: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """(file, name relative to the input's root) for a path, glob, directory or URL; sorted.
 
     A directory contributes its files with one of `suffixes` (all files when None), recursively,
     except hidden ones (a name starting with "."; e.g. a job's `.state/` and temporary files). The
-    output directory of `danlu clean` (documents/ beside report.json) contributes its documents/.
+    output directory of a danlu data command contributes only its documents (OUTPUT_DOCUMENTS).
     Raises InputError naming the input when nothing matches.
     """
     fs, p = _fs(path)
@@ -211,10 +218,19 @@ def list_files(path: str, suffixes: tuple[str, ...] | None = None) -> list[tuple
             root = posixpath.dirname(root)
         found = sorted(f for f in fs.glob(p) if fs.isfile(f))
     elif fs.isdir(p):
-        if fs.isdir(posixpath.join(p, "documents")) and fs.isfile(posixpath.join(p, "report.json")):
-            p = posixpath.join(p, "documents")
+        prefix = ""
+        for marker, documents in OUTPUT_DOCUMENTS:
+            if not fs.isfile(posixpath.join(p, marker)):
+                continue
+            if documents.endswith("/") and fs.isdir(posixpath.join(p, documents)):
+                p = posixpath.join(p, documents.rstrip("/"))
+                break
+            if any(posixpath.basename(f).startswith(documents) for f in fs.ls(p, detail=False)):
+                prefix = documents
+                break
         root = p
         found = sorted(f for f in fs.find(p) if (suffixes is None or f.endswith(suffixes))
+                       and posixpath.relpath(f, root).startswith(prefix)
                        and not any(part.startswith(".") for part in posixpath.relpath(f, root).split("/")))
     elif fs.isfile(p):
         root = posixpath.dirname(p)

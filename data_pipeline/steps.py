@@ -1,6 +1,6 @@
 """Pipeline steps: the unit a cleaning job is composed of (reader -> steps -> writer).
 
-A document is a plain ``dict`` (DESIGN.md: ``{"id", "text", "source", ...}``); every step keeps
+A document is a plain ``dict`` (docs/design.md: ``{"id", "text", "source", ...}``); every step keeps
 ``id`` and the fields it does not know. A step sees one document at a time and returns either the
 document (possibly changed, possibly annotated with new fields) or a `Drop` carrying the reason.
 That per-document shape is what lets the same step run in the local runner (a loop per shard in a

@@ -1,6 +1,6 @@
 """Tokenization: train a sentencepiece model, encode documents into ArrayRecord token shards.
 
-Output directory of `encode_to_shards` (the token-shard contract of docs/DESIGN.md):
+Output directory of `encode_to_shards` (the token-shard contract of docs/design.md):
 
     manifest.json                          what is here; written last, so its presence means "complete"
     tokenizer.model                        the sentencepiece model the ids come from (copied in if needed)

@@ -445,3 +445,23 @@ def test_tfds_unprepared_or_unknown_is_an_error(tfds_dataset, tmp_path):
         _read("clean_test_tiny", "tfds", data_dir=tfds_dataset[1], split="validation")
     with pytest.raises(R.InputError, match="tfds dataset 'no_such_dataset_xyz'"):
         _read("no_such_dataset_xyz", "tfds")
+
+
+@pytest.mark.parametrize("command", ["mix", "dedup"])
+def test_a_mix_or_dedup_output_directory_gives_its_documents(tmp_path, command):
+    """`danlu tokenize --input mixed/`: the documents of the parts, not mix.json, report.json,
+    clusters.jsonl or errors.jsonl (each of which would be read as bad records)."""
+    from danlu.cli import main
+
+    src = tmp_path / "web.jsonl"
+    texts = [f"document number {i} " + "word " * (5 + i) for i in range(12)] + ["document number 0 " + "word " * 5]
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)) + "not json\n")
+    out = tmp_path / command
+    args = ["--input", f"web={src}", "--epochs", "web=1", "--shards", "2"] if command == "mix" else ["--input", str(src)]
+    assert main([command, *args, "--output", str(out)]) == 0
+    parts = sorted(out.glob("mix-*.jsonl" if command == "mix" else "kept-*.jsonl"))
+    expected = [d["id"] for p in parts for d in dio.read_jsonl(str(p))]
+    assert expected and len(expected) < len(texts) + (command == "mix")  # dedup drops the copy; mix the bad line
+    errors: list = []
+    docs = [doc for _, doc in R.read_documents(R.plan_inputs([str(out)]), errors)]
+    assert sorted(d["id"] for d in docs) == sorted(expected) and errors == []

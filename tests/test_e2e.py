@@ -1,5 +1,5 @@
 """A tiny end-to-end `danlu train` in a subprocess: real corpus, real tokenizer, loss falls, run
-directory as DESIGN.md says, and rerunning the command resumes from the checkpoint."""
+directory as docs/design.md says, and rerunning the command resumes from the checkpoint."""
 
 import json
 import os

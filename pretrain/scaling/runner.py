@@ -1,7 +1,7 @@
 """Sweep runner: trains every point of a sweep, one after another in this process, skipping
 finished points, and appends one row per run to `<output>/runs.csv`.
 
-runs.csv columns (the runs-table contract of DESIGN.md first, then details):
+runs.csv columns (the runs-table contract of docs/design.md first, then details):
     params, params_nonembed, tokens, flops (exact count, pretrain.flops.flops_per_token × tokens),
     flops_6nd (6·N·D with N total), loss (final eval loss), name, budget, train_loss, d_model,
     n_layers, n_heads, d_ff, batch, seq_len, steps, lr, seconds, run_dir, config
