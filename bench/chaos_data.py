@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 # The CPU accounting of the training chaos benchmark beside this file (bench/ is on sys.path when run).
-from chaos_train import _cpu_marks, busy_cores_elsewhere  # noqa: E402
+from chaos_train import _cpu_marks, busy_cores_elsewhere, machine as chaos_machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 INPUT_FILES = 16
@@ -68,39 +68,7 @@ RERUN_KILL_PROBABILITY = 0.5
 # --------------------------------------------------------------------------- the machine
 
 def machine() -> dict:
-    from importlib.metadata import version
-
-    sys.path.insert(0, str(REPO))
-    from pretrain.flops import cpu_description
-
-    def v(name):
-        try:
-            return version(name)
-        except Exception:
-            return None
-
-    def git(*args):  # not stripped: a porcelain line starts with a space (" M path")
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {**cpu_description(), "python": platform.python_version(), "sentencepiece": v("sentencepiece"),
-            "array_record": v("array-record"), "numpy": v("numpy"), "matplotlib": v("matplotlib"),
-            "platform": platform.platform(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
-                                                                 * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "accelerator": accelerator(), "git_commit": (git("rev-parse", "--short", "HEAD") or "").strip() or None,
-            "git_modified": [line[3:] for line in (dirty or "").splitlines()]}
-
-
-def accelerator() -> str | None:
-    """An accelerator's device node on this host, if any (these jobs run on the CPU regardless)."""
-    for pattern in ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*"):
-        found = sorted(Path("/").glob(pattern.lstrip("/")))
-        if found:
-            return str(found[0])
-    return None
+    return chaos_machine(("sentencepiece", "array-record", "numpy", "matplotlib"))
 
 
 # --------------------------------------------------------------------------- inputs and commands

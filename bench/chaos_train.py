@@ -56,7 +56,11 @@ RESUMED_LINE = re.compile(r"resumed from .* at step (\d+)")
 
 # --------------------------------------------------------------------------- the machine
 
-def machine() -> dict:
+PACKAGES = ("jax", "jaxlib", "flax", "orbax-checkpoint", "grain")
+
+
+def machine(packages: tuple[str, ...] = PACKAGES) -> dict:
+    """The CPU, memory, Python, the versions of `packages`, any accelerator and the git state."""
     from importlib.metadata import version
 
     sys.path.insert(0, str(REPO))
@@ -68,20 +72,28 @@ def machine() -> dict:
         except Exception:
             return None
 
-    def git(*args):
+    def git(*args):  # not stripped: a porcelain line starts with a space (" M path")
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return None
 
     dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {**cpu_description(), "python": platform.python_version(), "jax": v("jax"), "jaxlib": v("jaxlib"),
-            "flax": v("flax"), "orbax_checkpoint": v("orbax-checkpoint"), "grain": v("grain"),
+    return {**cpu_description(), "python": platform.python_version(),
+            **{name.replace("-", "_"): v(name) for name in packages},
             "platform": platform.platform(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                  * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "git_commit": git("rev-parse", "--short", "HEAD"),
-            # split, not [3:]: git() strips the output, and with it the first line's leading space (" M path")
-            "git_modified": [line.split(None, 1)[1] for line in (dirty or "").splitlines()]}
+            "accelerator": accelerator(), "git_commit": (git("rev-parse", "--short", "HEAD") or "").strip() or None,
+            "git_modified": [line[3:] for line in (dirty or "").splitlines()]}
+
+
+def accelerator() -> str | None:
+    """An accelerator's device node on this host, if any."""
+    for pattern in ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*"):
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return str(found[0])
+    return None
 
 
 def busy_cores_elsewhere(t0: tuple, t1: tuple) -> float | None:
