@@ -61,9 +61,9 @@ COMMANDS: list[tuple[str, str, str]] = [
 LAUNCH_TARGETS: list[tuple[str, str, str]] = [
     ("local", "launch.local", "N processes on localhost (CPU, gloo collectives) as a fake pod; "
                               "example: danlu launch local --processes 2 -- danlu train configs/train/tiny.yaml"),
-    ("tpu", "launch.tpu", "Cloud TPU VMs / queued resources: create, setup, run, status, logs, stop, delete, "
-                          "watch (recreate after preemption and resume), up"),
-    ("xpk", "launch.xpk", "the same training job as an xpk workload on GKE"),
+    ("tpu", "danlu.tpu", "Cloud TPU VMs / queued resources: create, setup, run, status, logs, stop, delete, "
+                         "watch (recreate after preemption and resume), up"),
+    ("xpk", "danlu.xpk", "the same training job as an xpk workload on GKE"),
     ("dataflow", "launch.dataflow", "a `danlu clean` job on Dataflow, Flink or Spark (Apache Beam)"),
 ]
 

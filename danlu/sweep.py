@@ -171,6 +171,7 @@ def run_sweep_on_tpu(s, job, runner, *, only: list[str] | None = None, interval:
                      delete_when_done: bool = False) -> list[dict]:
     """Trains the sweep's unfinished points on the job's TPUs; returns the rows appended to runs.csv
     (none in a dry run, which prints every command instead)."""
+    from danlu.tpu import prepare
     from launch import tpu
     from launch.gcloud import LaunchError
     from pretrain.scaling.plan import plan_sweep
@@ -192,8 +193,10 @@ def run_sweep_on_tpu(s, job, runner, *, only: list[str] | None = None, interval:
     csv_path = out / "runs.csv"
     done = {r["name"] for r in read_rows(csv_path)}
     todo = [p for p in points if p.name not in done]
-    jobs = {p.name: point_job(job, s, p) for p in todo}
-    configs = {name: tpu.config_text(tpu.resolved_config(j)) for name, j in jobs.items()}  # all validated first
+    # Each point's config resolved and validated first; its job mounts the point's data bucket.
+    prepared = {p.name: prepare(point_job(job, s, p)) for p in todo}
+    jobs = {name: j for name, (j, _) in prepared.items()}
+    configs = {name: text for name, (_, text) in prepared.items()}
     if not runner.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     rows, install = [], True

@@ -1,7 +1,7 @@
 """`danlu launch tpu ACTION`: a training job on Cloud TPU VMs, from a launch config.
 
     danlu launch tpu create --launch configs/tpu/launch-125m-v5e-16.yaml --project my-proj
-    danlu launch tpu setup  --launch ...     # install danlu[tpu] on every worker
+    danlu launch tpu setup  --launch ...     # install danlu[tpu] on every worker, mount the data bucket
     danlu launch tpu run    --launch ...     # danlu train on every worker (resumes from run_dir)
     danlu launch tpu status | logs [--worker all] [--follow] | stop | delete --launch ...
     danlu launch tpu watch  --launch ...     # create, setup, run; recreate after preemption; resume
@@ -24,13 +24,22 @@ A launch config (YAML, keys below; every one also a flag) names the training con
     package: "."                          # "." -> a wheel of this checkout; else a pip requirement
     env: {}                               # extra environment of danlu train on every worker
     gcs_logs: ""                          # gs:// prefix the workers' train logs are copied to
+    mounts: []                            # more gs:// URLs whose buckets the workers mount (--mount URL)
 
 Every gcloud call is an argument list run without a shell; `--dry-run` prints them all, one per
 line. The remote side (`--command` of `tpu-vm ssh`) is a shell string built with shlex.quote.
-The training config is resolved here (includes, overrides, `distributed.auto=true`,
-`mesh.dcn_data=num_slices`, `train.run_dir`), validated for the slice's chip count, and written
-on each worker as `danlu-job/config.yaml` by the run command itself, so what runs is what was
-checked. On the workers: `danlu-job/train.log` (output), `train.pid`, `exit_code` when done.
+
+This module knows gcloud, not the training config: the top layer (danlu/tpu.py) resolves that
+(includes, overrides, `distributed.auto=true`, `mesh.dcn_data=num_slices`, `train.run_dir`),
+validates it for the slices' chips and hosts (`chips_of`, `hosts_of`), adds the bucket of its
+`data.path` to `mounts` and hands `main` the job and the config's text, which the run command
+writes on each worker as `danlu-job/config.yaml`, so what runs is what was checked. On the
+workers: `danlu-job/train.log` (output), `train.pid`, `exit_code` when done.
+
+Data on GCS. The token shards are ArrayRecord files, which need POSIX files: `setup` installs
+gcsfuse (when missing) and mounts each bucket of `mounts` read-only at MOUNT_ROOT/BUCKET on every
+worker of every slice; `run` starts danlu train with DANLU_MOUNTS=gs://BUCKET/PATH=MOUNT_ROOT/BUCKET/PATH
+for data.path=gs://BUCKET/PATH, through which the data loader reads the shards from the mount.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from danlu.base import tpu as tpu_facts
+from danlu.base.fs import MOUNTS_ENV
 from launch.gcloud import LaunchError, Runner, remote_script, resolve_setting
 
 ACTIONS = ("create", "setup", "run", "status", "logs", "stop", "delete", "watch", "up")
@@ -55,6 +66,24 @@ JOB_DIR = "danlu-job"  # on every worker, relative to the login directory
 # States of a queued resource after which it must be deleted and created again.
 DEAD_STATES = ("SUSPENDING", "SUSPENDED", "FAILED", "NOT_FOUND")
 DEAD_NODE_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
+# Where `setup` mounts each data bucket on the workers (gcsfuse): MOUNT_ROOT/BUCKET.
+MOUNT_ROOT = "/tmp/danlu-gcs"
+# gcsfuse for training reads of immutable shards: read-only, so caching metadata forever (stat,
+# type, kernel list caches unbounded, no TTL) cannot serve stale data; directories implied by
+# object names (`gcloud storage cp -r` makes no directory objects). No file cache: pretraining
+# reads each document about once per epoch and the corpus outgrows the boot disk, so a cache
+# would only fill the disk (gcsfuse's advice: leave it off when the dataset does not fit).
+GCSFUSE_FLAGS = ("-o", "ro", "--implicit-dirs", "--metadata-cache-ttl-secs=-1", "--stat-cache-max-size-mb=-1",
+                 "--type-cache-max-size-mb=-1", "--kernel-list-cache-ttl-secs=-1")
+# Installs gcsfuse from Google's apt repository (the TPU VM images are Ubuntu) when it is missing;
+# the lock timeout waits for the unattended upgrades a fresh VM runs at boot.
+GCSFUSE_INSTALL = (
+    "command -v gcsfuse >/dev/null || { "
+    'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt '
+    'gcsfuse-$(lsb_release -cs) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && '
+    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc "
+    ">/dev/null && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && "
+    "sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse; }")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +108,7 @@ class TpuJob:
     python: str = "python3"
     env: dict = dataclasses.field(default_factory=dict)
     gcs_logs: str = ""
+    mounts: tuple[str, ...] = ()  # gs:// URLs whose buckets every worker mounts (the top layer adds data.path)
 
     @property
     def nodes(self) -> list[str]:
@@ -92,6 +122,10 @@ class TpuJob:
         if not self.accelerator_type:
             raise LaunchError("accelerator_type is empty: set `accelerator_type:` (e.g. v5litepod-16) or pass "
                               "--accelerator-type")
+        try:
+            tpu_facts.topology_for_accelerator(self.accelerator_type)
+        except tpu_facts.TopologyError as e:
+            raise LaunchError(str(e)) from None
         if not self.config:
             raise LaunchError("config is empty: set `config:` (a training config) or pass --config")
         if self.provisioning not in PROVISIONING:
@@ -107,6 +141,12 @@ class TpuJob:
         for k in self.env:
             if not str(k).isidentifier():
                 raise LaunchError(f"env: {k!r} is not a valid environment variable name")
+        for url in self.mounts:
+            if not url.startswith("gs://") or not url[len("gs://"):].split("/")[0]:
+                raise LaunchError(f"mounts: {url!r} is not a gs://BUCKET[/PATH] URL (the workers mount GCS buckets "
+                                  f"with gcsfuse)")
+            if "," in url or "=" in url:
+                raise LaunchError(f"mounts: {url!r} contains ',' or '=', the separators of ${MOUNTS_ENV}")
 
 
 def load_job(path: str | None, flags: dict[str, Any]) -> TpuJob:
@@ -131,9 +171,10 @@ def load_job(path: str | None, flags: dict[str, Any]) -> TpuJob:
     for k, v in flags.items():
         if v is None:
             continue
-        raw[k] = [*raw.get(k, ()), *v] if k == "overrides" else v
-    if "overrides" in raw:
-        raw["overrides"] = tuple(str(o) for o in raw["overrides"] or ())
+        raw[k] = [*raw.get(k, ()), *v] if k in ("overrides", "mounts") else v
+    for k in ("overrides", "mounts"):
+        if k in raw:
+            raw[k] = tuple(str(o) for o in raw[k] or ())
     for k in ("labels", "env"):
         if k in raw and not isinstance(raw[k], dict):
             raise LaunchError(f"{k}: expected a mapping KEY: VALUE")
@@ -158,20 +199,17 @@ def resolve_location(job: TpuJob) -> TpuJob:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training config that runs
-
-
-def topology_of(job: TpuJob) -> str:
-    from pretrain.aot import topology_for_accelerator
-
-    return topology_for_accelerator(job.accelerator_type)
+# What the training config is checked against, and what the launcher adds to it
 
 
 def chips_of(job: TpuJob) -> int:
-    from pretrain.aot import parse_topology
-    import math
+    """Chips of all slices: the devices of the training mesh."""
+    return tpu_facts.chips(job.accelerator_type) * job.num_slices
 
-    return math.prod(parse_topology(topology_of(job))[1]) * job.num_slices
+
+def hosts_of(job: TpuJob) -> int:
+    """TPU VM hosts of all slices: the processes of danlu train."""
+    return tpu_facts.hosts(job.accelerator_type) * job.num_slices
 
 
 def train_overrides(job: TpuJob) -> list[str]:
@@ -185,20 +223,60 @@ def train_overrides(job: TpuJob) -> list[str]:
     return out
 
 
-def config_text(cfg) -> str:
-    """The resolved config as one line of JSON (valid YAML), so that a dry run prints one command per line."""
-    import json
+def with_data_path(job: TpuJob, data_path: str, run_dir: str = "") -> TpuJob:
+    """``job`` whose workers mount the bucket of the training config's ``data_path`` when it is on GCS.
+    Any other URL is refused (the workers read token shards from local files), as is a ``run_dir``
+    (the training config's train.run_dir) under a read-only mount."""
+    if not data_path:
+        raise LaunchError("data.path is empty: the workers need token shards, e.g. --set data.path=gs://BUCKET/shards")
+    if data_path.startswith("gs://"):
+        job = dataclasses.replace(job, mounts=(*job.mounts, data_path))
+        job.check()
+    elif "://" in data_path and not data_path.startswith("file://"):
+        raise LaunchError(f"data.path={data_path!r}: the TPU workers mount gs:// buckets (gcsfuse) or read a local "
+                          f"path of their own disks; copy the shards to GCS (gcloud storage cp -r)")
+    for url in mounted_urls(job):
+        if run_dir == url or run_dir.startswith(url + "/"):
+            raise LaunchError(f"train.run_dir={run_dir!r} is under {url}, which danlu train reads through a read-only "
+                              f"gcsfuse mount: give the run directory a path of its own, beside the data (e.g. "
+                              f"gs://BUCKET/runs/NAME for data in gs://BUCKET/shards)")
+    return job
 
-    return json.dumps(cfg.to_dict())
+
+# ---------------------------------------------------------------------------------------------
+# Data on GCS: buckets mounted on every worker, read by danlu train through $DANLU_MOUNTS
 
 
-def resolved_config(job: TpuJob):
-    """The training config as it will run, validated for the slices' chip count."""
-    from pretrain.config import load_config, validate
+def buckets(job: TpuJob) -> list[str]:
+    """The distinct bucket names of ``job.mounts``, sorted."""
+    return sorted({url[len("gs://"):].split("/")[0] for url in job.mounts})
 
-    cfg = load_config(job.config, train_overrides(job))
-    validate(cfg, chips_of(job))
-    return cfg
+
+def mount_dir(bucket: str) -> str:
+    return f"{MOUNT_ROOT}/{bucket}"
+
+
+def mounted_urls(job: TpuJob) -> list[str]:
+    """The URLs of ``job.mounts`` (no trailing slash, sorted): the prefixes danlu train reads from the mounts."""
+    return sorted({url.rstrip("/") for url in job.mounts})
+
+
+def mounts_env(job: TpuJob) -> str:
+    """$DANLU_MOUNTS of danlu train on the workers: gs://BUCKET/PATH=MOUNT_ROOT/BUCKET/PATH for each URL
+    of ``job.mounts`` ("" for none). Only these prefixes are read through the read-only mounts: the
+    rest of a bucket (the run directory's checkpoints and metrics) is still written as gs:// URLs."""
+    return ",".join(f"{url}={MOUNT_ROOT}/{url[len('gs://'):]}" for url in mounted_urls(job))
+
+
+def gcsfuse_script(job: TpuJob) -> str:
+    """The remote command that installs gcsfuse when missing and mounts each bucket read-only, once
+    (an existing mount is kept, so setup can be rerun). Fails (non-zero) when a step fails."""
+    steps = [GCSFUSE_INSTALL]
+    for b in buckets(job):
+        d = shlex.quote(mount_dir(b))
+        steps.append(f"mkdir -p {d} && {{ mountpoint -q {d} || gcsfuse {' '.join(GCSFUSE_FLAGS)} "
+                     f"{shlex.quote(b)} {d}; }}")
+    return " && ".join(steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +290,7 @@ def _where(job: TpuJob) -> list[str]:
 def runtime_version(job: TpuJob) -> str:
     if job.runtime_version:
         return job.runtime_version
-    from pretrain.aot import parse_topology
-
-    return RUNTIME_VERSIONS[parse_topology(topology_of(job))[0].name]
+    return RUNTIME_VERSIONS[tpu_facts.parse_topology(job.accelerator_type)[0].name]
 
 
 def create_commands(job: TpuJob) -> list[list[str]]:
@@ -261,7 +337,8 @@ def wheel_name() -> str:
 
 
 def setup_commands(job: TpuJob, dist_dir: str = "dist") -> list[list[str]]:
-    """Installs danlu with the `tpu` extra on every worker of every slice."""
+    """Installs danlu with the `tpu` extra on every worker of every slice, then (when the job has
+    data on GCS) installs gcsfuse and mounts the buckets there."""
     py = shlex.quote(job.python)
     cmds: list[list[str]] = []
     if job.package == ".":
@@ -276,18 +353,29 @@ def setup_commands(job: TpuJob, dist_dir: str = "dist") -> list[list[str]]:
     install = f"{py} -m pip install --upgrade {shlex.quote(requirement)}"
     for node in job.nodes:
         cmds.append(ssh_command(job, node, install))
+    if job.mounts:
+        for node in job.nodes:
+            cmds.append(ssh_command(job, node, gcsfuse_script(job)))
     return cmds
+
+
+def train_env(job: TpuJob) -> dict[str, str]:
+    """The extra environment of danlu train on a worker: $DANLU_MOUNTS, then `env` (sorted), which wins."""
+    out = {MOUNTS_ENV: mounts_env(job)} if job.mounts else {}
+    out.update((str(k), str(v)) for k, v in sorted(job.env.items()))
+    return out
 
 
 def run_script(job: TpuJob, config_yaml: str) -> str:
     """The --command that starts training on a worker, detached, and returns at once.
 
     It writes the resolved config, then runs (under nohup, in the background) a script that starts
-    `danlu train`, copies the log to GCS every minute and at the end when `gcs_logs` is set, and
-    records the exit code. Every value is shlex-quoted; nothing in it is expanded but $(hostname), $!, $?.
+    `danlu train` (with $DANLU_MOUNTS naming the buckets `setup` mounted, unless `env` sets it),
+    copies the log to GCS every minute and at the end when `gcs_logs` is set, and records the exit
+    code. Every value is shlex-quoted; nothing in it is expanded but $(hostname), $!, $?.
     """
     py = shlex.quote(job.python)
-    env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(job.env.items()))
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in train_env(job).items())
     train = f"env PYTHONUNBUFFERED=1 {env + ' ' if env else ''}{py} -m danlu.cli train {JOB_DIR}/config.yaml"
     inner = [f"{train} > {JOB_DIR}/train.log 2>&1 & pid=$!", f"echo $pid > {JOB_DIR}/train.pid"]
     if job.gcs_logs:
@@ -464,6 +552,8 @@ def add_arguments(p) -> None:
     g.add_argument("--service-account", dest="service_account")
     g.add_argument("--package", help='"." (a wheel of this checkout) or a pip requirement')
     g.add_argument("--gcs-logs", dest="gcs_logs", help="gs:// prefix for the workers' train logs")
+    g.add_argument("--mount", dest="mounts", action="append", metavar="gs://BUCKET[/PATH]",
+                   help="another bucket the workers mount, repeatable (data.path's bucket always is)")
     p.add_argument("--worker", default="0", help="logs: worker number or `all` (default 0)")
     p.add_argument("--lines", type=int, default=100, help="logs: last N lines (default 100)")
     p.add_argument("--follow", action="store_true", help="logs: keep following")
@@ -475,16 +565,23 @@ def add_arguments(p) -> None:
 
 _FLAG_KEYS = ("name", "config", "overrides", "run_dir", "project", "zone", "accelerator_type", "runtime_version",
               "num_slices", "provisioning", "queued", "network", "subnetwork", "service_account", "package",
-              "gcs_logs")
+              "gcs_logs", "mounts")
+
+# The top layer's part (danlu/tpu.py): the job's training config resolved and validated for its
+# chips, as text; the job with that config's data bucket added to its mounts.
+Prepare = Callable[[TpuJob], tuple[TpuJob, str]]
 
 
-def main(args) -> int:
+def main(args, prepare: Prepare) -> int:
+    """Runs ``args.action`` (parsed by `add_arguments`). ``prepare`` is called for the actions that
+    need the training config: setup (its data bucket), run, watch and up."""
     try:
         job = load_job(args.launch, {k: getattr(args, k) for k in _FLAG_KEYS})
         job = resolve_location(job)
         runner = Runner(dry_run=args.dry_run)
-        needs_config = args.action in ("run", "watch", "up")
-        config_yaml = config_text(resolved_config(job)) if needs_config else ""
+        config_yaml = ""
+        if args.action in ("setup", "run", "watch", "up"):
+            job, config_yaml = prepare(job)
         a = args.action
         if a == "status":
             if args.dry_run:

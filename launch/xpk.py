@@ -6,14 +6,19 @@
 builds (and, without `--dry-run`, runs) one argument list::
 
     xpk workload create --cluster=C --workload=NAME --tpu-type=v6e-256 --num-slices=2
-        --docker-image=IMAGE --project=P --zone=Z --max-restarts=N --command=SCRIPT
+        --docker-image=IMAGE --project=P --zone=Z --max-restarts=N [--storage=S] --command=SCRIPT
 
 The launch config is the one of `danlu launch tpu` (name, config, overrides, run_dir, project, zone,
-accelerator_type, num_slices, env); `SCRIPT` writes the resolved, validated training config into the
-container and starts `python3 -m danlu.cli train` on it (xpk sets up jax.distributed and the
-MEGASCALE variables of multi-slice jobs). The image must have danlu installed with the `tpu` extra
-(`pip install '.[tpu]'` in a Dockerfile FROM python:3.11), or give `--base-docker-image` and xpk
-builds one from `--script-dir` (default: this checkout).
+accelerator_type, num_slices, env, mounts); `SCRIPT` writes the resolved, validated training config
+(given by the top layer, danlu/xpk.py) into the container and starts `python3 -m danlu.cli train` on
+it (xpk sets up jax.distributed and the MEGASCALE variables of multi-slice jobs). The image must have
+danlu installed with the `tpu` extra (`pip install '.[tpu]'` in a Dockerfile FROM python:3.11), or
+give `--base-docker-image` and xpk builds one from `--script-dir` (default: this checkout).
+
+Data on GCS: as on TPU VMs, danlu train reads data.path=gs://BUCKET/... from the bucket's mount at
+MOUNT_ROOT/BUCKET ($DANLU_MOUNTS, set by SCRIPT). On GKE the mount is xpk's: attach the bucket once
+per cluster (`xpk storage attach NAME --type=gcsfuse --bucket=BUCKET --mount-point=MOUNT_ROOT/BUCKET
+--readonly=true --auto-mount=true`), or with `--auto-mount=false` pass `--storage NAME` here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from launch.gcloud import LaunchError, Runner, remote_script
 from launch import tpu
@@ -28,7 +34,7 @@ from launch import tpu
 
 def xpk_command(job: tpu.TpuJob, config_yaml: str, cluster: str, docker_image: str = "",
                 base_docker_image: str = "", script_dir: str = "", max_restarts: int = 3,
-                priority: str = "") -> list[str]:
+                priority: str = "", storage: Sequence[str] = ()) -> list[str]:
     """The `xpk workload create` argument list of ``job``."""
     if not cluster:
         raise LaunchError("no cluster given: pass --cluster (the GKE cluster made by `xpk cluster create`)")
@@ -36,7 +42,7 @@ def xpk_command(job: tpu.TpuJob, config_yaml: str, cluster: str, docker_image: s
         raise LaunchError("give exactly one of --docker-image (danlu installed) or --base-docker-image (xpk builds "
                           "an image from --script-dir)")
     py = shlex.quote(job.python)
-    env = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(job.env.items()))
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in tpu.train_env(job).items())
     script = remote_script([
         f"mkdir -p {tpu.JOB_DIR}",
         f"printf '%s' {shlex.quote(config_yaml)} > {tpu.JOB_DIR}/config.yaml",
@@ -51,6 +57,7 @@ def xpk_command(job: tpu.TpuJob, config_yaml: str, cluster: str, docker_image: s
     cmd += [f"--project={job.project}", f"--zone={job.zone}", f"--max-restarts={max_restarts}"]
     if priority:
         cmd.append(f"--priority={priority}")
+    cmd += [f"--storage={name}" for name in storage]
     cmd.append(f"--command={script}")
     return cmd
 
@@ -63,6 +70,8 @@ def add_arguments(p) -> None:
     p.add_argument("--script-dir", default="", help="with --base-docker-image: directory copied into the image")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of the workload after a failure (default 3)")
     p.add_argument("--priority", default="", help="xpk workload priority (low, medium, high, ...)")
+    p.add_argument("--storage", action="append", default=[], metavar="NAME",
+                   help="xpk storage to mount (attached with --auto-mount=false), repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     g = p.add_argument_group("launch config keys (override the YAML)")
     for flag, dest in (("--name", "name"), ("--config", "config"), ("--run-dir", "run_dir"), ("--project", "project"),
@@ -72,13 +81,15 @@ def add_arguments(p) -> None:
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="training override")
 
 
-def main(args) -> int:
+def main(args, prepare: tpu.Prepare) -> int:
+    """Builds and runs (or prints) the workload of the launch config; ``prepare`` (the top layer's)
+    resolves and validates its training config and adds the data bucket to its mounts."""
     keys = ("name", "config", "run_dir", "project", "zone", "accelerator_type", "num_slices", "overrides")
     try:
         job = tpu.resolve_location(tpu.load_job(args.launch, {k: getattr(args, k) for k in keys}))
-        cfg = tpu.resolved_config(job)
-        cmd = xpk_command(job, tpu.config_text(cfg), args.cluster, args.docker_image, args.base_docker_image,
-                          args.script_dir, args.max_restarts, args.priority)
+        job, config_yaml = prepare(job)
+        cmd = xpk_command(job, config_yaml, args.cluster, args.docker_image, args.base_docker_image,
+                          args.script_dir, args.max_restarts, args.priority, args.storage)
         Runner(dry_run=args.dry_run).run(cmd)
         return 0
     except LaunchError as e:

@@ -38,99 +38,15 @@ import sys
 import time
 from typing import Sequence
 
-GiB = 1024**3
+# The TPU generations and topology names are shared with the launcher (danlu launch tpu).
+from danlu.base.tpu import (CHIPS, Chip, GiB, TopologyError, accelerator_for_topology,  # noqa: F401  (re-exported)
+                            parse_topology, topology_for_accelerator)
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation: per-chip HBM and the published peaks the roofline divides by."""
-    name: str
-    hbm_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s (pretrain/flops.py PEAK_BF16_FLOPS)
-    hbm_bandwidth: float  # bytes/s
-    ici_bandwidth: float  # bytes/s per chip, all links together
-    dcn_bandwidth: float  # bytes/s per chip across slices (host NIC / chips per host)
-    accelerator_prefix: str  # gcloud --accelerator-type prefix, e.g. v5litepod-16
-    cores_per_chip_in_type: int  # v4-8 / v5p-8 count TensorCores (2 per chip); v5e / v6e count chips
-    three_d: bool  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
-
-
-# Public figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm and the per-version pages).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1228e9, 300e9, 6.25e9, "v4", 2, True),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 200e9, 6.25e9, "v5litepod", 1, False),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 600e9, 6.25e9, "v5p", 2, True),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 448e9, 6.25e9, "v6e", 1, False),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 EXIT_DOES_NOT_FIT = 4
 
 
-class TopologyError(ValueError):
-    """A topology or accelerator name that cannot be used."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Topologies and accelerator types
-
-
-def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
-    """'v5e:4x4' -> (Chip v5e, (4, 4)); also accepts an accelerator type ('v5litepod-16', 'v5p-32')."""
-    if ":" not in name and "-" in name:
-        return parse_topology(topology_for_accelerator(name))
-    gen, _, dims = name.partition(":")
-    gen = _ALIASES.get(gen.lower(), gen.lower())
-    if gen not in CHIPS:
-        raise TopologyError(f"topology {name!r}: unknown TPU generation {gen!r}; known: {', '.join(CHIPS)}")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        raise TopologyError(f"topology {name!r}: expected GEN:AxB or GEN:AxBxC, e.g. v5e:4x4 or v5p:2x2x4") from None
-    chip = CHIPS[gen]
-    if len(shape) != (3 if chip.three_d else 2) or min(shape) < 1:
-        raise TopologyError(f"topology {name!r}: {gen} slices are {'3' if chip.three_d else '2'}-D, "
-                            f"e.g. {'v5p:2x2x4' if chip.three_d else 'v5e:4x4'}")
-    return chip, shape
-
-
-def _default_shape(chips: int, three_d: bool) -> tuple[int, ...]:
-    """The most cubic (or square) shape of ``chips`` with non-decreasing sides (2x2x4, 4x4, 8x16)."""
-    best = None
-    for a in range(1, chips + 1):
-        if chips % a:
-            continue
-        if three_d:
-            for b in range(a, chips // a + 1):
-                if (chips // a) % b or chips // (a * b) < b:
-                    continue
-                cand = (a, b, chips // (a * b))
-                if best is None or max(cand) - min(cand) < max(best) - min(best):
-                    best = cand
-        elif chips // a >= a:
-            cand = (a, chips // a)
-            if best is None or cand[1] - cand[0] < best[1] - best[0]:
-                best = cand
-    return best
-
-
-def topology_for_accelerator(accelerator_type: str) -> str:
-    """'v5litepod-16' -> 'v5e:4x4', 'v5p-32' -> 'v5p:2x2x4', 'v6e-256' -> 'v6e:16x16'."""
-    prefix, _, n = accelerator_type.rpartition("-")
-    gen = _ALIASES.get(prefix.lower(), prefix.lower())
-    if gen not in CHIPS or not n.isdigit():
-        raise TopologyError(f"accelerator type {accelerator_type!r}: expected e.g. v5litepod-16, v5p-32, v6e-256, v4-32")
-    chip = CHIPS[gen]
-    if int(n) % chip.cores_per_chip_in_type:
-        raise TopologyError(f"accelerator type {accelerator_type!r}: the count is of TensorCores, a multiple of "
-                            f"{chip.cores_per_chip_in_type}")
-    chips = int(n) // chip.cores_per_chip_in_type
-    return f"{gen}:{'x'.join(map(str, _default_shape(chips, chip.three_d)))}"
-
-
-def accelerator_for_topology(topology: str) -> str:
-    """'v5e:4x4' -> 'v5litepod-16', 'v5p:2x2x4' -> 'v5p-32' (the gcloud --accelerator-type)."""
-    chip, shape = parse_topology(topology)
-    return f"{chip.accelerator_prefix}-{math.prod(shape) * chip.cores_per_chip_in_type}"
+# Topologies (compile-only devices)
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:

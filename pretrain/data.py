@@ -23,11 +23,19 @@ exact and free, and the union of P processes' batches is the 1-process batch.
 
 Everything is index-addressed (grain MapDataset), so `start_step` costs nothing and the
 iterator's state is just the step.
+
+Where. `data.path` is a local directory or a URL. manifest.json and the `.lengths.npy`
+sidecars are read through danlu.base.fs (fsspec: any URL); the ArrayRecord shards need
+POSIX files, so a URL is read from the local directory it is mounted on
+($DANLU_MOUNTS="gs://bucket/shards=/mount/dir/shards", set by `danlu launch tpu run`
+after `setup` mounted the bucket with gcsfuse on every worker; a mapped URL's manifest
+and sidecars are read there too). A URL that is not mounted is refused (`shard_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,6 +43,9 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+
+from danlu.base import fs
+from danlu.base.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +55,54 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 # ----------------------------------------------------------------------------- manifest
 
+def shard_dir(path: str) -> str:
+    """The local directory the ArrayRecord shards of data.path=`path` are read from: `path`
+    itself, a file:// URL's path, or, for a URL under a mounted bucket, its mount
+    ($DANLU_MOUNTS). A URL that is not mounted raises ConfigError saying how to mount it."""
+    local = fs.local_path(fs.mounted(path))
+    if local is None:
+        scheme, _, rest = path.rstrip("/").partition("://")
+        name = rest.split("/")[0] or "BUCKET"
+        raise ConfigError(
+            f"data.path={path!r} is not mounted here (${fs.MOUNTS_ENV}={os.environ.get(fs.MOUNTS_ENV, '')!r}), "
+            f"and the token shards (ArrayRecord) can only be read as local files. On Cloud TPU: "
+            f"`danlu launch tpu setup` mounts {scheme}://{name} with gcsfuse on every worker and `danlu launch tpu "
+            f"run` sets ${fs.MOUNTS_ENV}. Elsewhere: mount the bucket (gcsfuse -o ro --implicit-dirs {name} "
+            f"/mnt/{name}) and set {fs.MOUNTS_ENV}={scheme}://{rest}=/mnt/{rest}, or copy the shards to a local "
+            f"directory")
+    return local
+
+
+def _read(path: str) -> bytes:
+    with fs.open_input(path) as f:
+        return f.read()
+
+
 def load_manifest(path: str, vocab_size: int | None = None) -> dict:
     """Reads and checks `path/manifest.json`.
 
     Args:
-      path: directory written by `danlu tokenize`.
+      path: directory written by `danlu tokenize`: a local path or a URL (read through
+        fsspec, or from its mount when $DANLU_MOUNTS maps it).
       vocab_size: the model's vocabulary size, if known; must be >= the tokenizer's.
 
     Raises:
       FileNotFoundError / ValueError naming the path and key at fault.
     """
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        hint = " (it is a file; data.path must be the directory)" if os.path.isfile(path) else ""
+    root = fs.mounted(path)
+    mpath = os.path.join(path, MANIFEST)  # as the user wrote it, for the messages
+    try:
+        text = _read(os.path.join(root, MANIFEST))
+    except (FileNotFoundError, NotADirectoryError):
+        hint = " (it is a file; data.path must be the directory)" if fs.isfile(root) else ""
+        where = f" (mounted at {root!r} by ${fs.MOUNTS_ENV})" if root != path else ""
         raise FileNotFoundError(
-            f"no {MANIFEST} in data.path={path!r}{hint}; create token shards with "
-            f"`danlu tokenize --input FILE... --output {path}`")
-    with open(mpath, encoding="utf-8") as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+            f"no {MANIFEST} in data.path={path!r}{where}{hint}; create token shards with "
+            f"`danlu tokenize --input FILE... --output {path}`") from None
+    try:
+        m = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
     for key in ("shards", "vocab_size", "eos_id"):
         if key not in m:
             raise ValueError(f"{mpath}: missing key {key!r}")
@@ -83,14 +121,21 @@ def load_manifest(path: str, vocab_size: int | None = None) -> dict:
         for key in ("path", "split", "documents"):
             if key not in sh:
                 raise ValueError(f"{mpath}: shards[{i}] is missing key {key!r}")
-        if sh["documents"] and not os.path.isfile(os.path.join(path, sh["path"])):
+        if sh["documents"] and not fs.isfile(os.path.join(root, sh["path"])):
             raise FileNotFoundError(f"{mpath}: shards[{i}] names {sh['path']!r}, which is missing")
     return m
 
 
 def _fingerprint(path: str) -> str:
-    with open(os.path.join(path, MANIFEST), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """Identity of the data in the iterator state: the manifest's bytes, wherever they are read from."""
+    return hashlib.sha256(_read(os.path.join(fs.mounted(path), MANIFEST))).hexdigest()[:16]
+
+
+def _open_split(path: str, split: str, vocab_size: int | None) -> tuple["_Documents", dict]:
+    """(documents of `split`, manifest) of data.path=`path`; an unmounted URL fails first, before any read."""
+    shard_dir(path)
+    manifest = load_manifest(path, vocab_size)
+    return _Documents(path, manifest, split), manifest
 
 
 # ----------------------------------------------------------------------------- documents
@@ -99,25 +144,27 @@ class _Documents:
     """Random access to the documents of one split: token ids by document index.
 
     Document index = position in the split's shards, in manifest order. Lengths come
-    from the `.lengths.npy` sidecars (or, if a shard has none, from reading it once).
-    Picklable (grain worker processes), readers reopen lazily.
+    from the `.lengths.npy` sidecars, read through danlu.base.fs (or, if a shard has
+    none, from reading it once). The shards are opened from `shard_dir(path)` (the
+    mount of a URL). Picklable (grain worker processes), readers reopen lazily.
     """
 
     def __init__(self, path: str, manifest: dict, split: str):
         self.path = path
         self.split = split
+        root, local = fs.mounted(path), shard_dir(path)
         shards = [sh for sh in manifest["shards"] if sh["split"] == split and sh["documents"] > 0]
-        self.files = [os.path.join(path, sh["path"]) for sh in shards]
+        self.files = [os.path.join(local, sh["path"]) for sh in shards]
         lengths = []
         for sh, file in zip(shards, self.files):
-            lengths.append(self._shard_lengths(sh, file))
+            lengths.append(self._shard_lengths(sh, root, file))
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self._source = None
 
-    def _shard_lengths(self, shard: dict, file: str) -> np.ndarray:
-        side = shard.get("lengths")
-        if side and os.path.isfile(os.path.join(self.path, side)):
-            lengths = np.load(os.path.join(self.path, side))
+    def _shard_lengths(self, shard: dict, root: str, file: str) -> np.ndarray:
+        side = shard.get("lengths") and os.path.join(root, shard["lengths"])
+        if side and fs.isfile(side):
+            lengths = np.load(io.BytesIO(_read(side)))
         else:
             log.warning("%s: no lengths sidecar; reading every record to count tokens", file)
             src = grain.sources.ArrayRecordDataSource([file])
@@ -291,8 +338,7 @@ def make_train_dataset(data_cfg, global_batch_size: int, *, seed: int, process_i
         raise ValueError(f"data.seq_len must be >= 1, got {data_cfg.seq_len}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    manifest = load_manifest(data_cfg.path, vocab_size)
-    docs = _Documents(data_cfg.path, manifest, "train")
+    docs, manifest = _open_split(data_cfg.path, "train", vocab_size)
     if len(docs) == 0:
         raise ValueError(f"{data_cfg.path}: the train split has no documents")
     seqs = PackedSequences(docs, data_cfg.seq_len, manifest["eos_id"], seed, data_cfg.shuffle)
@@ -462,8 +508,7 @@ def make_eval_batches(data_cfg, global_batch_size: int, num_batches: int, *, pro
       ValueError if the eval split is empty (tokenize with --eval-fraction > 0).
     """
     per_process = _check_batch(global_batch_size, process_index, process_count)
-    manifest = load_manifest(data_cfg.path, vocab_size)
-    docs = _Documents(data_cfg.path, manifest, "eval")
+    docs, manifest = _open_split(data_cfg.path, "eval", vocab_size)
     if len(docs) == 0:
         raise ValueError(f"{data_cfg.path}: the eval split is empty; re-run `danlu tokenize` with "
                          "--eval-fraction > 0 (or set data.eval_batches=0)")

@@ -58,12 +58,13 @@ def test_shipped_tpu_config_validates_for_its_topology(path):
 
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
 def test_launch_config_matches_its_training_config(path):
+    from danlu.tpu import resolved_config
     from launch import tpu
 
     job = tpu.load_job(str(path), {})
     topology, slices = target_of(Path(job.config))
     assert aot.topology_for_accelerator(job.accelerator_type) == topology and job.num_slices == slices
-    cfg = tpu.resolved_config(job)  # validated for the slices' chips, with the launcher's overrides
+    cfg = resolved_config(job)  # validated for the slices' chips and hosts, with the launcher's overrides
     assert cfg.distributed.auto and cfg.train.run_dir.startswith("gs://")
 
 

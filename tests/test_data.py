@@ -306,3 +306,63 @@ def test_errors_name_the_problem(shards, tmp_path):
     os.remove(path / m["shards"][0]["path"])
     with pytest.raises(FileNotFoundError, match="train-00000-of-00003.array_record"):
         data.make_train_iterator(cfg(path), 4, seed=0)
+
+
+# ----------------------------------------------------------------------------- data on GCS
+
+def test_gs_data_path_read_through_its_mount_gives_the_same_batches(tmp_path, monkeypatch):
+    """data.path=gs://bkt/shards with $DANLU_MOUNTS mapping gs://bkt to a local directory (what
+    `danlu launch tpu setup` + `run` arrange with gcsfuse) reads the same batches as the local path,
+    and the iterator state (its data fingerprint) is the same, so a run can resume across the two."""
+    write_shards(tmp_path / "bucket" / "shards", LENGTHS, eval_lengths=[6, 4], num_train_shards=3)
+    local = tmp_path / "bucket" / "shards"
+    expected = take(data.make_train_iterator(cfg(local), 4, seed=3, start_step=2), 5)
+    expected_eval = data.make_eval_batches(cfg(local, seq_len=8), 2, 3)
+    state = data.make_train_iterator(cfg(local), 4, seed=3).get_state()
+
+    monkeypatch.setenv("DANLU_MOUNTS", f"gs://other=/nowhere,gs://bkt={tmp_path / 'bucket'}")
+    docs = data._Documents("gs://bkt/shards", data.load_manifest("gs://bkt/shards"), "train")
+    assert all(f.startswith(f"{local}/") for f in docs.files)  # the shards are opened from the mount
+    assert_batches_equal(take(data.make_train_iterator(cfg("gs://bkt/shards"), 4, seed=3, start_step=2), 5), expected)
+    assert_batches_equal(data.make_eval_batches(cfg("gs://bkt/shards", seq_len=8), 2, 3), expected_eval)
+    assert data.make_train_iterator(cfg("gs://bkt/shards"), 4, seed=3).get_state() == state
+    # A file:// URL is a local path.
+    assert_batches_equal(take(data.make_train_iterator(cfg(f"file://{local}"), 4, seed=3, start_step=2), 5), expected)
+
+
+def test_gs_data_path_not_mounted_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("DANLU_MOUNTS", raising=False)
+    for make in (lambda c: data.make_train_iterator(c, 4, seed=0), lambda c: data.make_eval_batches(c, 2, 1)):
+        with pytest.raises(data.ConfigError) as e:
+            make(cfg("gs://bkt/shards"))
+        msg = str(e.value)
+        assert msg.startswith("data.path='gs://bkt/shards' is not mounted here ($DANLU_MOUNTS='')")
+        assert "`danlu launch tpu setup` mounts gs://bkt with gcsfuse on every worker" in msg
+        assert "DANLU_MOUNTS=gs://bkt/shards=/mnt/bkt/shards" in msg
+    monkeypatch.setenv("DANLU_MOUNTS", "gs://bkt2=/mnt/bkt2")  # another bucket (a prefix of the name) is mounted
+    with pytest.raises(data.ConfigError, match="DANLU_MOUNTS='gs://bkt2=/mnt/bkt2'"):
+        data.make_train_iterator(cfg("gs://bkt/shards"), 4, seed=0)
+    # Mounted, but nothing there (the bucket is not mounted at that directory): the paths are named.
+    monkeypatch.setenv("DANLU_MOUNTS", f"gs://bkt={tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match=r"no manifest.json in data.path='gs://bkt/shards' \(mounted at "):
+        data.make_train_iterator(cfg("gs://bkt/shards"), 4, seed=0)
+
+
+def test_manifest_is_read_through_fsspec_from_any_url(shards):
+    """manifest.json (and the shard list it names) from memory://, through danlu.base.fs."""
+    import fsspec
+
+    path, _ = shards
+    mem = fsspec.filesystem("memory")
+    for f in sorted(os.listdir(path)):
+        mem.pipe(f"/danlu-test-bkt/shards/{f}", (path / f).read_bytes())
+    try:
+        assert data.load_manifest("memory://danlu-test-bkt/shards") == data.load_manifest(str(path))
+        assert data._fingerprint("memory://danlu-test-bkt/shards") == data._fingerprint(str(path))
+        with pytest.raises(FileNotFoundError, match="no manifest.json in data.path='memory://danlu-test-bkt/nowhere'"):
+            data.load_manifest("memory://danlu-test-bkt/nowhere")
+        mem.rm("/danlu-test-bkt/shards/train-00001-of-00003.array_record")
+        with pytest.raises(FileNotFoundError, match="shards.1. names 'train-00001-of-00003.array_record'"):
+            data.load_manifest("memory://danlu-test-bkt/shards")
+    finally:
+        mem.rm("/danlu-test-bkt", recursive=True)

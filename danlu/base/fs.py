@@ -7,14 +7,16 @@ The layer under `data_pipeline.readers`, which turns files into documents:
   raises EOFError while reading, never a silent end of file; a damaged one one of STREAM_ERRORS.
 - `open_output(path)` opens one for writing, compressed by suffix; a local path's parent
   directories are created, a remote URL is written through fsspec. `write_text` writes a small
-  file that way; `local_path` says whether a path or URL names a local file.
+  file that way; `local_path` says whether a path or URL names a local file. `rewrite(path, data)`
+  replaces a file at once (temp file + rename, or one object upload): how a growing file is
+  "appended" to on an object store, which has no append.
 - `JsonlWriter` / `write_jsonl` write one JSON object per line, byte-deterministically: keys keep
   their order, gzip headers carry no timestamp or file name, so the same objects give the same file.
 - `read_jsonl` is the strict reader of JSONL files we wrote ourselves: it raises on the first bad
   line. Corpora are read with `readers.plan_inputs` + `readers.read_inputs`, which never die on a
   bad record.
 
-The document contract (docs/DESIGN.md): one JSON object per line,
+The document contract (docs/design.md): one JSON object per line,
 ``{"id": str, "text": str, "source": str, ...}``; unknown fields are kept.
 """
 from __future__ import annotations
@@ -55,6 +57,15 @@ def local_path(path: str) -> str | None:
     if path.startswith("file://"):
         return path[len("file://"):] or "/"
     return None if is_url(path) else path
+
+
+def isfile(path: str) -> bool:
+    """Whether a local path or URL (through fsspec) names an existing file, not a directory."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.isfile(local)
+    filesystem, inner = fsspec.core.url_to_fs(path)
+    return filesystem.isfile(inner)
 
 
 # Buckets mounted as local directories (gcsfuse on Cloud TPU workers, set up by `danlu launch tpu
@@ -270,6 +281,23 @@ def write_text(path: str, text: str) -> None:
     """Writes `text` (UTF-8) to a local path or URL, compressed by suffix; parents are created."""
     with open_output(path, "wt") as f:
         f.write(text)
+
+
+def rewrite(path: str, data: bytes) -> None:
+    """Replaces the file at a local path or URL by `data` at once (no compression by suffix): a
+    reader sees the old bytes or the new, never a mix. Local: a temporary ``path + ".tmp"`` renamed
+    over it, parents created; URL: one object upload. Object stores have no append: a file that
+    grows (metrics, event logs) is kept by its writer and rewritten whole."""
+    local = local_path(path)
+    if local is None:
+        with fsspec.open(path, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = local + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, local)
 
 
 def dumps_line(obj: Any) -> str:
