@@ -48,13 +48,12 @@ import dataclasses
 import shlex
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
 
 from danlu.base import tpu as tpu_facts
+from danlu.base.config import ConfigError, build, read_yaml_mapping
 from danlu.base.fs import MOUNTS_ENV
 from launch.gcloud import LaunchError, Runner, remote_script, resolve_setting
 
@@ -103,10 +102,10 @@ class TpuJob:
     subnetwork: str = ""
     service_account: str = ""
     internal_ips: bool = False
-    labels: dict = dataclasses.field(default_factory=dict)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
     package: str = "."
     python: str = "python3"
-    env: dict = dataclasses.field(default_factory=dict)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
     gcs_logs: str = ""
     mounts: tuple[str, ...] = ()  # gs:// URLs whose buckets every worker mounts (the top layer adds data.path)
 
@@ -151,40 +150,21 @@ class TpuJob:
 
 def load_job(path: str | None, flags: dict[str, Any]) -> TpuJob:
     """The launch config at ``path`` (or none) with non-None ``flags`` on top; ``config`` is made
-    relative to the current directory. Unknown keys are rejected."""
+    relative to the current directory. Unknown keys and values of the wrong type are rejected
+    (danlu.base.config's builder, as every danlu config), naming the file and the key."""
     raw: dict = {}
-    base = Path(".")
-    if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise LaunchError(f"launch config not found: {path}") from None
-        if not isinstance(raw, dict):
-            raise LaunchError(f"{path}: the top level must be a mapping of keys")
-        base = Path(path).parent
-        if raw.get("config"):
-            raw["config"] = str(base / raw["config"])
-    fields = {f.name: f for f in dataclasses.fields(TpuJob)}
-    for k in raw:
-        if k not in fields:
-            raise LaunchError(f"{path}: unknown launch key {k!r}; known keys: {', '.join(sorted(fields))}")
-    for k, v in flags.items():
-        if v is None:
-            continue
-        raw[k] = [*raw.get(k, ()), *v] if k in ("overrides", "mounts") else v
-    for k in ("overrides", "mounts"):
-        if k in raw:
-            raw[k] = tuple(str(o) for o in raw[k] or ())
-    for k in ("labels", "env"):
-        if k in raw and not isinstance(raw[k], dict):
-            raise LaunchError(f"{k}: expected a mapping KEY: VALUE")
-    hints = typing.get_type_hints(TpuJob)
-    for k, v in raw.items():
-        if hints[k] is int and not isinstance(v, int):
-            raise LaunchError(f"{k}: expected an integer, got {v!r}")
-        if hints[k] is bool and not isinstance(v, bool):
-            raise LaunchError(f"{k}: expected true or false, got {v!r}")
-    job = TpuJob(**raw)
+    try:
+        if path:
+            raw = read_yaml_mapping(path, "launch config")
+            if raw.get("config"):
+                raw["config"] = str(Path(path).parent / raw["config"])
+            build(TpuJob, raw)  # the file's own keys, before the flags join them
+        for k, v in flags.items():
+            if v is not None:
+                raw[k] = [*(raw.get(k) or ()), *v] if k in ("overrides", "mounts") else v
+        job = build(TpuJob, raw)
+    except ConfigError as e:
+        raise LaunchError(f"{path}: {e}" if path and str(path) not in str(e) else str(e)) from None
     job.check()
     return job
 

@@ -275,8 +275,16 @@ def test_gcloud_failure_names_the_command(fake_gcloud):
 def test_bad_launch_configs_are_refused(tmp_path):
     bad = tmp_path / "l.yaml"
     bad.write_text("name: x\nzoen: a\n")
-    with pytest.raises(LaunchError, match="unknown launch key 'zoen'"):
+    with pytest.raises(LaunchError, match=r"l.yaml: unknown config key 'zoen' \(did you mean 'zone'\?\)"):
         tpu.load_job(str(bad), {})
+    bad.write_text("name: x\nnum_slices: two\n")
+    with pytest.raises(LaunchError, match="l.yaml: num_slices: expected an integer, got 'two'"):
+        tpu.load_job(str(bad), {})
+    bad.write_text("name: x\nenv: [A]\n")
+    with pytest.raises(LaunchError, match="l.yaml: env: expected a mapping KEY: VALUE"):
+        tpu.load_job(str(bad), {})
+    with pytest.raises(LaunchError, match="launch config not found: .*nope.yaml"):
+        tpu.load_job(str(tmp_path / "nope.yaml"), {})
     with pytest.raises(LaunchError, match="num_slices > 1 needs a queued resource"):
         job(num_slices=2, queued=False)
     with pytest.raises(LaunchError, match="provisioning=preemptible is for plain TPU VMs"):
