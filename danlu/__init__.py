@@ -8,7 +8,7 @@
   through file contracts (docs/design.md).
 - The rest of this package is the top layer that composes them: the command line (`danlu.cli`),
   the demo (`danlu.demo`), `danlu eval` on text (`danlu.evaluate`), scaling sweeps on launchers
-  (`danlu.sweep`) and `danlu launch tpu` (`danlu.tpu`). Nothing below imports it.
+  (`danlu.sweep`), `danlu launch tpu` and `xpk` (`danlu.tpu`, `danlu.xpk`). Nothing below imports it.
 
 `tests/test_layers.py` checks these rules on the import statements of every module.
 """
