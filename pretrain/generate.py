@@ -3,13 +3,13 @@
 
 Generation. Prompts of different lengths are left-padded to a common length P; each row's
 positions count from its first real token (so a row sees exactly what it would see alone) and
-padded slots are masked as keys. The KV cache is preallocated, ``[layers, batch, P + new, kv_heads,
-head_dim]`` for keys and for values; one jitted prefill writes the prompts into it and returns the
-last position's logits, one jitted ``lax.while_loop`` then samples a token, runs the one-token
-forward pass that appends to the cache, and stops when every row has produced EOS or
-``max_new_tokens`` are out. The forward pass here is a functional copy of pretrain/model.py's
-Decoder that reads the same parameter dict; ``tests/test_generate.py`` checks that its logits,
-token by token through the cache, equal the Decoder's full forward pass.
+padded slots are masked as keys. The forward pass is pretrain/model.py's Decoder itself, called
+with a :class:`~pretrain.model.KVCache` of ``P + max_new_tokens`` slots (keys and values
+``[layers, batch, slots, kv_heads, head_dim]``): one jitted prefill writes the prompts into a new
+cache and returns the last position's logits, one jitted ``lax.while_loop`` then samples a token,
+runs the one-token forward pass that appends to the cache, and stops when every row has produced
+EOS or ``max_new_tokens`` are out. ``tests/test_generate.py`` checks that the logits, token by
+token through the cache, equal the full forward pass.
 
 Sampling: greedy (argmax), or temperature, then top-k, then top-p (nucleus) on the logits, in
 that order (as Hugging Face's ``generate``), then a categorical draw; the random stream is
@@ -117,7 +117,7 @@ def find_tokenizer(ckpt: Checkpoint, explicit: str | None = None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The forward pass with a KV cache (a functional copy of pretrain/model.py's Decoder)
+# Sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,103 +137,18 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
 
 
-def _norm(x, p: dict, cfg: ModelConfig):
-    import jax
-    import jax.numpy as jnp
+def next_token_logits(model, tokens_BxS, positions_BxS, cache):
+    """Runs S new tokens per row through ``model`` (a Decoder) with its KV cache.
 
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-        x = x - jnp.mean(x, axis=-1, keepdims=True)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    x = x * p["scale"].astype(jnp.float32)
-    if "bias" in p:
-        x = x + p["bias"].astype(jnp.float32)
-    return x.astype(dtype)
-
-
-def forward_cached(params: dict, cfg: ModelConfig, tokens_BxS, positions_BxS, cache_k, cache_v, start,
-                   key_valid_BxM, all_logits: bool = False):
-    """Runs S new tokens per row through the decoder, appending their keys and values to the cache.
-
-    tokens_BxS, positions_BxS: int32 [B, S]; cache_k, cache_v: [L, B, M, K, H]; start: int32
-    scalar, the cache slot of the first new token; key_valid_BxM: bool [B, M], False for padded
-    slots. A new token at slot start+s attends to the valid slots <= start+s.
-    Returns (fp32 logits [B, S, V] if all_logits else [B, V] of the last token, cache_k, cache_v).
+    tokens_BxS, positions_BxS: int32 [B, S]; cache: a KVCache whose ``end`` is the slot of the
+    first new token. Returns (fp32 logits [B, V] of the last new token, the updated cache).
     """
-    import jax
     import jax.numpy as jnp
 
-    from pretrain.model import dense, rope
-
-    cdt = jnp.dtype(cfg.compute_dtype)
-    b, s = tokens_BxS.shape
-    n, k_heads, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    g = n // k_heads
-    m = cache_k.shape[2]
-    x_BxSxD = jnp.take(params["embed"], tokens_BxS, axis=0).astype(cdt)
-    if cfg.position == "learned":
-        x_BxSxD = x_BxSxD + jnp.take(params["pos_embed"], positions_BxS, axis=0).astype(cdt)
-    slots_M = jnp.arange(m)
-    causal_SxM = slots_M[None, :] <= (start + jnp.arange(s))[:, None]
-    allowed_Bx1x1xSxM = (causal_SxM[None] & key_valid_BxM[:, None, :])[:, None, None]
-
-    def layer(carry, lp):
-        x_BxSxD, ck, cv, i = carry
-        a = lp["attn"]
-        h_BxSxD = _norm(x_BxSxD, lp["attn_norm"], cfg)
-        q_BxSxNxH = dense(h_BxSxD, a["q"].astype(cdt))
-        k_BxSxKxH = dense(h_BxSxD, a["k"].astype(cdt))
-        v_BxSxKxH = dense(h_BxSxD, a["v"].astype(cdt))
-        if cfg.use_bias:
-            q_BxSxNxH += a["q_bias"].astype(cdt)
-            k_BxSxKxH += a["k_bias"].astype(cdt)
-            v_BxSxKxH += a["v_bias"].astype(cdt)
-        if cfg.qk_norm:
-            q_BxSxNxH, k_BxSxKxH = _norm(q_BxSxNxH, a["q_norm"], cfg), _norm(k_BxSxKxH, a["k_norm"], cfg)
-        if cfg.position == "rope":
-            q_BxSxNxH = rope(q_BxSxNxH, positions_BxS, cfg.rope_theta)
-            k_BxSxKxH = rope(k_BxSxKxH, positions_BxS, cfg.rope_theta)
-        # Write this layer's new keys/values in place, then attend over the whole cache row.
-        ck = jax.lax.dynamic_update_slice(ck, k_BxSxKxH[None].astype(ck.dtype), (i, 0, start, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v_BxSxKxH[None].astype(cv.dtype), (i, 0, start, 0, 0))
-        keys_BxMxKxH = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
-        values_BxMxKxH = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
-        q_BxKxGxSxH = q_BxSxNxH.reshape(b, s, k_heads, g, h).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgsh,bmkh->bkgsm", q_BxKxGxSxH, keys_BxMxKxH,
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
-        scores = jnp.where(allowed_Bx1x1xSxM, scores, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        out_BxKxGxSxH = jnp.einsum("bkgsm,bmkh->bkgsh", p, values_BxMxKxH)
-        out_BxSxNxH = out_BxKxGxSxH.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
-        y_BxSxD = dense(out_BxSxNxH, a["o"].astype(cdt), in_dims=2)
-        if cfg.use_bias:
-            y_BxSxD += a["o_bias"].astype(cdt)
-        x_BxSxD = x_BxSxD + y_BxSxD
-        mp = lp["mlp"]
-        h_BxSxD = _norm(x_BxSxD, lp["mlp_norm"], cfg)
-        up_BxSxF = dense(h_BxSxD, mp["up"].astype(cdt))
-        if cfg.use_bias:
-            up_BxSxF += mp["up_bias"].astype(cdt)
-        if cfg.mlp == "swiglu":
-            gate_BxSxF = dense(h_BxSxD, mp["gate"].astype(cdt))
-            if cfg.use_bias:
-                gate_BxSxF += mp["gate_bias"].astype(cdt)
-            act_BxSxF = jax.nn.silu(gate_BxSxF) * up_BxSxF
-        else:
-            act_BxSxF = jax.nn.gelu(up_BxSxF, approximate=True)
-        y_BxSxD = dense(act_BxSxF, mp["down"].astype(cdt))
-        if cfg.use_bias:
-            y_BxSxD += mp["down_bias"].astype(cdt)
-        return (x_BxSxD + y_BxSxD, ck, cv, i + 1), None
-
-    (x_BxSxD, cache_k, cache_v, _), _ = jax.lax.scan(layer, (x_BxSxD, cache_k, cache_v, 0), params["blocks"])
-    if not all_logits:
-        x_BxSxD = x_BxSxD[:, -1:]
-    x_BxSxD = _norm(x_BxSxD, params["final_norm"], cfg)
-    w_DxV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    logits = jnp.einsum("bsd,dv->bsv", x_BxSxD, w_DxV.astype(cdt), preferred_element_type=jnp.float32)
-    return (logits if all_logits else logits[:, 0]), cache_k, cache_v
+    hidden_BxSxD, cache = model(tokens_BxS, positions_BxS, cache=cache)
+    last_BxD = hidden_BxSxD[:, -1]
+    logits_BxV = jnp.matmul(last_BxD, model.unembedding().astype(last_BxD.dtype), preferred_element_type=jnp.float32)
+    return logits_BxV, cache
 
 
 def sample_logits(logits_BxV, key, sampling: Sampling):
@@ -269,34 +184,42 @@ def _compiled(cfg: ModelConfig, sampling: Sampling, max_new_tokens: int):
     """(prefill, decode) jitted for one model config and sampling setting."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    def prefill(params, tokens_BxP, positions_BxP, cache_k, cache_v, key_valid_BxM):
-        return forward_cached(params, cfg, tokens_BxP, positions_BxP, cache_k, cache_v, 0, key_valid_BxM)
+    from pretrain.model import KVCache, init_model
+    from pretrain.train import merge_model
 
-    def decode(params, logits_BxV, cache_k, cache_v, key_valid_BxM, pads_B, prompt_len, key, eos_id):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))
+
+    def prefill(params, tokens_BxP, positions_BxP, key_valid_BxM):
+        model = merge_model(graphdef, abstract, params)
+        cache = KVCache.empty(cfg, tokens_BxP.shape[0], key_valid_BxM.shape[1], key_valid_BxM)
+        return next_token_logits(model, tokens_BxP, positions_BxP, cache)
+
+    def decode(params, logits_BxV, cache, pads_B, key, eos_id):
+        model = merge_model(graphdef, abstract, params)
         b = logits_BxV.shape[0]
         first = sample_logits(logits_BxV, jax.random.fold_in(key, 0), sampling)
         out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
         done_B = first == eos_id
 
         def cond(carry):
-            t, _, _, _, _, done_B = carry
+            t, _, _, _, done_B = carry
             return (t < max_new_tokens) & ~jnp.all(done_B)
 
         def body(carry):
-            t, out_BxN, ck, cv, last_B, done_B = carry
-            slot = prompt_len + t - 1  # the cache slot of the token sampled last
-            positions_Bx1 = (slot - pads_B)[:, None]
-            logits_BxV, ck, cv = forward_cached(params, cfg, last_B[:, None], positions_Bx1, ck, cv, slot, key_valid_BxM)
+            t, out_BxN, cache, last_B, done_B = carry
+            positions_Bx1 = (cache.end - pads_B)[:, None]  # the token sampled last goes to slot cache.end
+            logits_BxV, cache = next_token_logits(model, last_B[:, None], positions_Bx1, cache)
             nxt_B = sample_logits(logits_BxV, jax.random.fold_in(key, t), sampling)
             nxt_B = jnp.where(done_B, 0, nxt_B)  # finished rows emit padding (0) from here on
             out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, t))
-            return t + 1, out_BxN, ck, cv, nxt_B, done_B | (nxt_B == eos_id)
+            return t + 1, out_BxN, cache, nxt_B, done_B | (nxt_B == eos_id)
 
-        t, out_BxN, *_ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BxN, cache_k, cache_v, first, done_B))
+        t, out_BxN, *_ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BxN, cache, first, done_B))
         return out_BxN, t
 
-    return jax.jit(prefill, donate_argnums=(3, 4)), jax.jit(decode)
+    return jax.jit(prefill), jax.jit(decode)
 
 
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
@@ -331,14 +254,11 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], *, max_ne
         tokens_BxP[i, pads_B[i]:] = p
     positions_BxP = np.maximum(np.arange(plen)[None, :] - pads_B[:, None], 0).astype(np.int32)
     key_valid_BxM = np.arange(total)[None, :] >= pads_B[:, None]
-    cdt = jnp.dtype(cfg.compute_dtype)
-    shape = (cfg.n_layers, b, total, cfg.n_kv_heads, cfg.head_dim)
-    cache_k, cache_v = jnp.zeros(shape, cdt), jnp.zeros(shape, cdt)
 
     prefill, decode = _compiled(cfg, sampling, max_new_tokens)
-    logits_BxV, cache_k, cache_v = prefill(params, tokens_BxP, positions_BxP, cache_k, cache_v, key_valid_BxM)
-    out_BxN, steps = decode(params, logits_BxV, cache_k, cache_v, key_valid_BxM, pads_B, jnp.int32(plen),
-                            jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id))
+    logits_BxV, cache = prefill(params, tokens_BxP, positions_BxP, key_valid_BxM)
+    out_BxN, steps = decode(params, logits_BxV, cache, pads_B, jax.random.key(seed),
+                            jnp.int32(-1 if eos_id is None else eos_id))
     out_BxN, steps = np.asarray(out_BxN), int(steps)
     result = []
     for row in out_BxN[:, :steps].tolist():

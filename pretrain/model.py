@@ -7,11 +7,16 @@ them to mesh axes (pretrain/sharding.py).
 Layer parameters are stacked along a leading ``layers`` axis whether or not the forward pass
 scans, so ``model.scan_layers`` only changes how the computation is expressed, not the
 parameters (scan and unrolled are compared on identical weights in the tests).
+
+Inference runs the same modules with a :class:`KVCache`: ``model(tokens, positions, cache=cache)``
+writes the new tokens' keys and values into the cache and attends over it, so prefill and
+one-token decode steps share every projection, norm, RoPE and MLP with training.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +92,46 @@ def attention_mask(segment_ids_BxT: jax.Array | None, t: int) -> jax.Array:
     return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for M token slots, filled left to right (a pytree).
+
+    keys, values: [L, B, M, K, H] in the compute dtype, after RoPE / qk-norm, as attention reads them.
+    valid: bool [B, M], False for slots no token may attend to (the left padding of a short prompt).
+    end: int32 [], the slot of the next token; slots >= end are empty.
+    The caller sizes the cache: ``end`` is traced, so writing past slot M - 1 cannot be refused
+    under jit (dynamic_update_slice would clamp and overwrite the last slots).
+    """
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, valid_BxM: jax.Array | None = None) -> KVCache:
+        """A zero cache of ``slots`` slots per row; every slot valid unless ``valid_BxM`` says otherwise."""
+        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        dtype = _DTYPES[cfg.compute_dtype]
+        valid_BxM = jnp.ones((batch, slots), bool) if valid_BxM is None else jnp.asarray(valid_BxM, bool)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), valid_BxM, jnp.zeros((), jnp.int32))
+
+    def write(self, layer, k_BxTxKxH, v_BxTxKxH) -> tuple[KVCache, jax.Array, jax.Array]:
+        """Puts T new keys/values of ``layer`` at slots [end, end + T) (in place under jit); returns
+        the cache and that layer's keys and values [B, M, K, H]. ``end`` stays: the Decoder moves it
+        once every layer has written."""
+        at = (layer, 0, self.end, 0, 0)
+        keys = jax.lax.dynamic_update_slice(self.keys, k_BxTxKxH[None].astype(self.keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(self.values, v_BxTxKxH[None].astype(self.values.dtype), at)
+        cache = self._replace(keys=keys, values=values)
+        return (cache, jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False),
+                jax.lax.dynamic_index_in_dim(values, layer, keepdims=False))
+
+    def mask(self, t: int) -> jax.Array:
+        """[B, 1, T, M]: the new token at slot end + i sees the valid slots <= end + i."""
+        slots_M = jnp.arange(self.valid.shape[1])
+        causal_TxM = slots_M[None, :] <= (self.end + jnp.arange(t))[:, None]
+        return (causal_TxM[None] & self.valid[:, None, :])[:, None]
+
+
 def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxT, block: int):
     """Causal attention by query blocks: block i attends to keys [0, (i+1)·block) only, so the
     masked upper triangle is mostly never computed (~(n+1)/2n of the work for n blocks).
@@ -136,7 +181,10 @@ class Attention(nnx.Module):
             self.q_norm = Norm(h, cfg)
             self.k_norm = Norm(h, cfg)
 
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache: KVCache | None = None, layer=None):
+        """[B, T, D] -> ([B, T, D], cache). With a cache (inference) the new keys and values go into
+        slots [cache.end, cache.end + T) of layer ``layer`` and the queries attend over the cache with
+        XLA attention, whatever ``cfg.attention`` says; ``segment_ids_BxT`` is then unused."""
         cfg = self.cfg
         cdt = x_BxTxD.dtype
         q_BxTxNxH = dense(x_BxTxD, self.q[...].astype(cdt))
@@ -155,7 +203,11 @@ class Attention(nnx.Module):
         k_BxTxKxH = shard(k_BxTxKxH, ("batch", "length", "act_heads", None))
         v_BxTxKxH = shard(v_BxTxKxH, ("batch", "length", "act_heads", None))
         segments = segment_ids_BxT if cfg.segment_masking else None
-        if cfg.attention == "splash":
+        if cache is not None:
+            cache, k_BxMxKxH, v_BxMxKxH = cache.write(layer, k_BxTxKxH, v_BxTxKxH)
+            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxMxKxH, v_BxMxKxH,
+                                                       mask=cache.mask(x_BxTxD.shape[1]), implementation="xla")
+        elif cfg.attention == "splash":
             from pretrain.splash import splash_attention  # TPU only; imported lazily
 
             out_BxTxNxH = splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments)
@@ -175,7 +227,7 @@ class Attention(nnx.Module):
         y_BxTxD = dense(out_BxTxNxH, self.o[...].astype(cdt), in_dims=2)
         if cfg.use_bias:
             y_BxTxD += self.o_bias[...].astype(cdt)
-        return y_BxTxD
+        return y_BxTxD, cache
 
 
 class Mlp(nnx.Module):
@@ -222,10 +274,11 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache: KVCache | None = None, layer=None):
+        y_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache, layer)
+        x_BxTxD = x_BxTxD + y_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-        return shard(x_BxTxD, ("batch", "length", "act_embed"))
+        return shard(x_BxTxD, ("batch", "length", "act_embed")), cache
 
 
 _REMAT_POLICIES = {
@@ -259,11 +312,22 @@ class Decoder(nnx.Module):
         """The output projection [D, V] (the transposed token embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
 
-    def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None):
+    def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, cache: KVCache | None = None):
+        """Final hidden states [B, T, D] (compute dtype) of the token ids ``inputs_BxT``.
+
+        positions_BxT: int [B, T], default 0..T-1 (with a cache: cache.end onwards); segment_ids_BxT:
+        packed-document ids for the attention mask (training; ignored with a cache).
+        With a cache, returns (hidden states, cache): the T tokens take slots [cache.end, cache.end + T)
+        and attend to the valid slots before them and to each other causally; ``end`` moves by T.
+        """
         cfg = self.cfg
         cdt = _DTYPES[cfg.compute_dtype]
+        t = inputs_BxT.shape[1]
+        if cache is not None and t > cache.keys.shape[2]:
+            raise ValueError(f"{t} tokens do not fit in a KV cache of {cache.keys.shape[2]} slots")
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(inputs_BxT.shape[1]), inputs_BxT.shape)
+            start = 0 if cache is None else cache.end
+            positions_BxT = jnp.broadcast_to(start + jnp.arange(t), inputs_BxT.shape)
         # Gather from the whole table (an explicit all-gather, as FSDP does for every weight):
         # XLA cannot partition a gather on a sharded table efficiently.
         table_VxD = shard(self.embed[...], (None, None))
@@ -273,19 +337,26 @@ class Decoder(nnx.Module):
         x_BxTxD = shard(x_BxTxD, ("batch", "length", "act_embed"))
 
         block_def, block_state = nnx.split(self.blocks)
+        # The cache (None in training) rides in the carry, so that each layer updates it in place.
+        layer_ids = None if cache is None else jnp.arange(cfg.n_layers)
 
-        def layer(x_BxTxD, layer_state):
+        def layer(carry, layer_xs):
+            x_BxTxD, cache = carry
+            layer_state, i = layer_xs
             block = nnx.merge(block_def, layer_state)
-            return block(x_BxTxD, positions_BxT, segment_ids_BxT), None
+            return block(x_BxTxD, positions_BxT, segment_ids_BxT, cache, i), None
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:  # decoding takes no gradients: nothing to rematerialise
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        carry = (x_BxTxD, cache)
         if cfg.scan_layers:
-            x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, block_state)
+            carry, _ = jax.lax.scan(layer, carry, (block_state, layer_ids))
         else:
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a: a[i], block_state))
-        return self.final_norm(x_BxTxD)
+                carry, _ = layer(carry, jax.tree.map(lambda a: a[i], (block_state, layer_ids)))
+        x_BxTxD, cache = carry
+        hidden_BxTxD = self.final_norm(x_BxTxD)
+        return hidden_BxTxD if cache is None else (hidden_BxTxD, cache._replace(end=cache.end + t))
 
 
 def init_model(cfg: ModelConfig, seed: int) -> Decoder:
