@@ -100,14 +100,17 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpo
 
 def find_tokenizer(ckpt: Checkpoint, explicit: str | None = None) -> str | None:
     """The sentencepiece model of a checkpoint: ``explicit``, else RUN/tokenizer.model (what
-    `danlu import-hf` writes), else the one the training shards' manifest.json names."""
+    `danlu import-hf` writes), else the one the training shards' manifest.json names (a gs://
+    data.path through its mount, $DANLU_MOUNTS)."""
     if explicit:
         if not os.path.isfile(explicit):
             raise FileNotFoundError(f"--tokenizer {explicit!r}: no such file")
         return explicit
     if ckpt.run_dir is not None and (ckpt.run_dir / "tokenizer.model").is_file():
         return str(ckpt.run_dir / "tokenizer.model")
-    data = ckpt.cfg.data.path
+    from danlu.base.fs import mounted
+
+    data = mounted(ckpt.cfg.data.path)
     if data and os.path.isfile(os.path.join(data, "manifest.json")):
         with open(os.path.join(data, "manifest.json"), encoding="utf-8") as f:
             tok = json.load(f).get("tokenizer", {}).get("path")
