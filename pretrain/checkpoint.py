@@ -6,7 +6,8 @@ A checkpoint is an orbax Composite with three items:
   ``data``   JSON: the loader's iterator state (grain ``get_state()``) and the data batches
              skipped after loss spikes;
   ``config`` JSON: the resolved config, for inspection (a run restores with its own config).
-Local paths and gs:// URLs alike (orbax writes through tensorstore/etils).
+Local paths and gs:// URLs alike (orbax writes through tensorstore/etils); not other fsspec
+schemes such as memory:// (`can_write`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from pretrain.config import CheckpointConfig
+
+# URL schemes orbax writes to natively (tensorstore's gcs driver); others (memory://, ...) it cannot.
+URL_SCHEMES = ("gs",)
+
+
+def can_write(directory: str) -> bool:
+    """Whether orbax can write checkpoints under ``directory``: a local path or a gs:// URL."""
+    return "://" not in directory or directory.split("://", 1)[0] in URL_SCHEMES
 
 
 def make_manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:

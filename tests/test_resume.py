@@ -24,8 +24,27 @@ TINY = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "data.se
         "mesh.data=2", "mesh.fsdp=2", "logging.tensorboard=false"]
 
 
-def command(run_dir, shards, *extra):
-    return [sys.executable, "-m", "danlu.cli", "train", str(ROOT / "configs/train/tiny.yaml"),
+# `danlu train` with train()'s batch_hook giving data batches BAD out-of-range targets (512 =
+# TINY's model.vocab_size), which make their loss NaN.
+POISONED = """
+import functools, sys
+import numpy as np
+import pretrain.train
+from danlu.cli import main
+
+BAD = {bad}
+
+def poison(index, batch):
+    return {{**batch, "targets": np.full_like(batch["targets"], 512)}} if index in BAD else batch
+
+pretrain.train.train = functools.partial(pretrain.train.train, batch_hook=poison)
+sys.exit(main())
+"""
+
+
+def command(run_dir, shards, *extra, nan_batches=()):
+    entry = ["-c", POISONED.format(bad=sorted(nan_batches))] if nan_batches else ["-m", "danlu.cli"]
+    return [sys.executable, *entry, "train", str(ROOT / "configs/train/tiny.yaml"),
             f"data.path={shards}", f"train.run_dir={run_dir}", *TINY, *extra]
 
 
@@ -147,7 +166,7 @@ def test_damaged_latest_checkpoint_is_set_aside(shards, tmp_path):
 
 def test_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
     run = tmp_path / "poison"
-    proc = subprocess.run(command(run, shards, "train.steps=12", "checkpoint.every=0", "train.test_nan_batches=[6]"),
+    proc = subprocess.run(command(run, shards, "train.steps=12", "checkpoint.every=0", nan_batches=[6]),
                           env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 7 not applied: non-finite loss nan" in proc.stdout
@@ -159,8 +178,8 @@ def test_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
 
     # logged every 4 steps, loss_mean is the mean loss of the applied steps since the previous row
     coarse = tmp_path / "coarse"
-    proc = subprocess.run(command(coarse, shards, "train.steps=12", "checkpoint.every=0", "train.test_nan_batches=[6]",
-                                  "logging.log_every=4"), env=ENV, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(command(coarse, shards, "train.steps=12", "checkpoint.every=0", "logging.log_every=4",
+                                  nan_batches=[6]), env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c, losses = rows(coarse), {x["step"]: x["loss"] for x in r}
     assert [x["step"] for x in c] == [4, 8, 12]
@@ -169,8 +188,9 @@ def test_poisoned_batch_is_skipped_and_counted(shards, tmp_path):
 
 
 def test_bad_steps_in_a_row_roll_back_or_stop(shards, tmp_path):
-    extra = ["train.steps=16", "checkpoint.every=5", "train.max_bad_steps=3", "train.test_nan_batches=[7,8,9]"]
-    proc = subprocess.run(command(tmp_path / "rb", shards, *extra), env=ENV, cwd=ROOT, capture_output=True, text=True)
+    extra = ["train.steps=16", "checkpoint.every=5", "train.max_bad_steps=3"]
+    proc = subprocess.run(command(tmp_path / "rb", shards, *extra, nan_batches=[7, 8, 9]), env=ENV, cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Batches 7, 8, 9 feed steps 8, 9, 10; no checkpoint is taken at step 10, inside the bad run.
     assert "rolled back to the checkpoint of step 5; batches [7, 8, 9] will be skipped" in proc.stdout
@@ -180,7 +200,7 @@ def test_bad_steps_in_a_row_roll_back_or_stop(shards, tmp_path):
     assert [x["step"] for x in r] == list(range(1, 17))
     assert all(np.isfinite(x["loss"]) for x in r)  # the rows of the bad steps were rolled back too
 
-    stop = subprocess.run(command(tmp_path / "stop", shards, *extra, "train.bad_step_policy=stop"), env=ENV, cwd=ROOT,
-                          capture_output=True, text=True)
+    stop = subprocess.run(command(tmp_path / "stop", shards, *extra, "train.bad_step_policy=stop",
+                                  nan_batches=[7, 8, 9]), env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert stop.returncode == 3
     assert "3 steps in a row were not applied (batches [7, 8, 9])" in stop.stderr
