@@ -206,7 +206,7 @@ class _BandKeys:
 
     def __init__(self, stage: MinHashStage):
         self.stage = stage
-        self.cfg = stage.config()
+        self.cfg = stage  # a MinHashConfig
         self.bands, self.rows = self.cfg.band_rows()
         self._hasher = None
 
@@ -307,7 +307,7 @@ def connected_components(edges, rounds: int, label: str):
 
 def _minhash_stage(docs, stage: MinHashStage, label: str, rounds: int):
     beam = _beam()
-    cfg = stage.config()
+    cfg = stage  # a MinHashConfig
     cfg.band_rows()  # computed here once, not per worker
     edges = (docs | f"{label} band keys" >> beam.FlatMap(_BandKeys(stage))
              | f"{label} buckets" >> beam.GroupByKey()

@@ -130,7 +130,7 @@ def instantiate(cls: type, name: str, params: dict[str, Any], where: str, kind: 
             raise StepError(f"{where}: {kind} {name!r} has no parameter {key!r}{hint}")
     try:
         obj = cls(**params)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a parameters dataclass that checks itself
         raise StepError(f"{where}: {kind} {name!r}: {e}") from None
     try:
         obj.check()

@@ -122,33 +122,13 @@ class LinesStage(CorpusStage):
 
 
 @dataclasses.dataclass(frozen=True)
-class MinHashStage(CorpusStage):
-    """Fuzzy dedup (MinHash LSH); parameters as `MinHashConfig`."""
+class MinHashStage(CorpusStage, MinHashConfig):
+    """Fuzzy dedup (MinHash LSH); its parameters are `MinHashConfig`'s, checked by it."""
 
     name: ClassVar[str] = "minhash"
-    threshold: float = 0.8
-    ngram: int = 5
-    num_perm: int = 128
-    bands: int = 0
-    rows: int = 0
-    seed: int = 1
-    verify: bool = False
-    keep: str = "first"
-    score_field: str = "quality_score"
-    scope: str = "global"
-
-    def config(self) -> MinHashConfig:
-        return MinHashConfig(**dataclasses.asdict(self))
-
-    def check(self) -> None:
-        try:
-            self.config()
-        except ValueError as e:
-            raise StepError(str(e)) from None
 
     def plan(self, corpus, ctx):
-        res = fuzzy_dedup(corpus, self.config(), memory_budget_mb=ctx.memory_budget_mb, workdir=ctx.workdir,
-                          workers=ctx.workers)
+        res = fuzzy_dedup(corpus, self, memory_budget_mb=ctx.memory_budget_mb, workdir=ctx.workdir, workers=ctx.workers)
         return _by_kept(res.kept_for, "minhash:near_duplicate")
 
 
