@@ -161,6 +161,11 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True  # only drawn when stdout is a terminal
+    # >0: a jax.profiler trace of this many steps, on process 0, into RUN/profile/ (TensorBoard's
+    # profile plugin, Perfetto); it starts after step profile_start, and never before this
+    # process's first step is done (that step compiles)
+    profile_steps: int = 0
+    profile_start: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +306,9 @@ def check_static(cfg: Config) -> None:
         raise ConfigError(f"mesh.dcn_data={cfg.mesh.dcn_data} must be >= 1 (number of slices)")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    if cfg.logging.profile_steps < 0 or cfg.logging.profile_start < 1:
+        raise ConfigError(f"logging: need profile_steps >= 0 (0: no trace) and profile_start >= 1 (the first step "
+                          f"compiles), got {cfg.logging.profile_steps} and {cfg.logging.profile_start}")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

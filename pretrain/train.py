@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -206,6 +207,7 @@ def build(cfg: Config, devices=None, mesh: Mesh | None = None, *, abstract: bool
     eval_fn = make_eval_step(cfg, graphdef, abstract_state)
 
     def traced(fn):  # the rules must be active while jit traces the step
+        @functools.wraps(fn)  # its name, train_step / eval_step, is the executable's in profiles and HLO dumps
         def wrapped(*args):
             with axis_rules(mesh, rules):
                 return fn(*args)
@@ -403,6 +405,46 @@ class TrainingStopped(RuntimeError):
     """Raised when bad steps persist and train.bad_step_policy says stop (or nothing to roll back to)."""
 
 
+class StepTrace:
+    """A jax.profiler trace of steps (begin, begin + n] on process 0, written to RUN/profile/
+    (plugins/profile/<time>/*.xplane.pb and *.trace.json.gz). begin is logging.profile_start,
+    or this process's first step when it started past that: the trace never holds the compile. A
+    run directory at a URL gets the trace copied there when it stops."""
+
+    def __init__(self, cfg: Config, run_dir: str, start_step: int, log: Callable[[str], None]):
+        self.steps = cfg.logging.profile_steps if jax.process_index() == 0 else 0
+        self.begin = max(cfg.logging.profile_start, start_step + 1)
+        self.run_dir, self.log, self.local, self.active, self.done = run_dir, log, None, False, False
+
+    def before(self, step: int) -> None:
+        """Called before step `step` is dispatched."""
+        if self.steps and step == self.begin + 1 and not (self.active or self.done):
+            self.local = fs.local_path(_in_run(self.run_dir, "profile"))
+            if self.local is None:
+                import tempfile
+                self.local = tempfile.mkdtemp(prefix="danlu-profile-")
+            jax.profiler.start_trace(self.local)
+            self.active = True
+
+    def after(self, step: int, state: Any) -> None:
+        """Called after step `step` is dispatched: the trace stops once it has run."""
+        if self.active and step >= self.begin + self.steps:
+            self.stop(state)
+
+    def stop(self, state: Any) -> None:
+        if not self.active:
+            return
+        jax.block_until_ready(state)  # the traced steps have run, not only been dispatched
+        jax.profiler.stop_trace()
+        self.active, self.done = False, True
+        target = _in_run(self.run_dir, "profile")
+        if fs.local_path(target) is None:
+            import fsspec
+            filesystem, path = fsspec.core.url_to_fs(target)
+            filesystem.put(self.local, path, recursive=True)
+        self.log(f"profile of steps {self.begin + 1}-{self.begin + self.steps} written to {target}")
+
+
 @dataclasses.dataclass
 class Run:
     """What `train` sets up once: the loop reads it, and writes through its writers."""
@@ -413,6 +455,7 @@ class Run:
     eval_batches: list[dict]  # global arrays [B, T], assembled once
     manager: Any  # orbax CheckpointManager; None with checkpoint.enabled=false
     writer: MetricsWriter
+    trace: StepTrace  # logging.profile_steps
     bar: Any  # tqdm progress bar, or None
     log: Callable[[str], None]
     batch_hook: Callable[[int, dict], dict] | None
@@ -489,7 +532,8 @@ def _setup(cfg: Config, run_dir: str, devices, log: Callable[[str], None],
     if cfg.logging.progress_bar and sys.stdout.isatty() and pid == 0:
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=loop.start_step, unit="step", dynamic_ncols=True)
-    run = Run(cfg, built, run_dir, train_iter, eval_batches, manager, writer, bar, log, batch_hook,
+    trace = StepTrace(cfg, run_dir, loop.start_step, log)
+    run = Run(cfg, built, run_dir, train_iter, eval_batches, manager, writer, trace, bar, log, batch_hook,
               tokens_per_step=t.global_batch_size * cfg.data.seq_len,
               flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["total"], peak_flops=peak)
     loop.t_start = loop.t_last = time.perf_counter()
@@ -525,8 +569,10 @@ def _step(run: Run, loop: LoopState) -> None:
     """One step: dispatches step N, then reads back step N-1's metrics, which are ready by now
     (reading them first would leave the device idle)."""
     index, batch = _next_batch(run, loop)
+    run.trace.before(loop.step + 1)
     loop.state, metrics = run.built.train_step(loop.state, batch)
     loop.step += 1
+    run.trace.after(loop.step, loop.state)
     loop.data_index_of[loop.step] = index
     loop.data_index_of.pop(loop.step - 4, None)
     if loop.pending is not None:
@@ -624,6 +670,7 @@ def _close(run: Run, loop: LoopState) -> None:
     saves in flight finished, the writers closed."""
     if run.bar is not None:
         run.bar.close()
+    run.trace.stop(loop.state)
     if run.manager is not None:
         if loop.step > loop.start_step and run.manager.latest_step() != loop.step:
             _save(run, loop, force=True)

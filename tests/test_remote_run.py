@@ -153,3 +153,23 @@ def test_mounted_bucket_run_dir_is_local_and_resumes(shards, tmp_path, monkeypat
     for a, b in zip(jax.tree.leaves(final_params(run, 8)), jax.tree.leaves(final_params(tmp_path / "ref", 8))):
         np.testing.assert_array_equal(a, b)
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_profile_steps_write_a_trace_of_those_steps(shards, tmp_path, memory_url):
+    """logging.profile_steps: a jax.profiler trace of the chosen steps lands in RUN/profile/ (a
+    URL run directory gets it copied), with the train step's executions in it."""
+    import gzip
+
+    logged: list[str] = []
+    tiny_train(shards, tmp_path / "run", "train.steps=6", "checkpoint.enabled=false", "logging.profile_steps=2",
+               "logging.profile_start=3", log=logged.append)
+    traces = sorted((tmp_path / "run" / "profile" / "plugins" / "profile").glob("*/*.trace.json.gz"))
+    assert len(traces) == 1 and list(traces[0].parent.glob("*.xplane.pb"))
+    events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+    assert any("train_step" in str(e.get("name", "")) for e in events)
+    assert any("profile of steps 4-5 written to" in line for line in logged)
+
+    tiny_train(shards, f"{memory_url}/run", "train.steps=4", "checkpoint.enabled=false", "logging.profile_steps=1",
+               "logging.profile_start=2")
+    mem = fsspec.filesystem("memory")
+    assert mem.glob(f"{memory_url}/run/profile/plugins/profile/*/*.xplane.pb".removeprefix("memory://"))
