@@ -107,7 +107,9 @@ def run_danlu(args) -> dict:
 
 # --- torch side --------------------------------------------------------------------------------
 
-def run_torch(args) -> dict:
+def run_torch(args, compiled: bool = False) -> dict:
+    """The peer: transformers' LlamaForCausalLM + fused AdamW, eager, or under `torch.compile`
+    (inductor, default mode) with `compiled`; its compile falls in the untimed warmup steps."""
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -127,6 +129,7 @@ def run_torch(args) -> dict:
         attn_implementation="sdpa", dtype="float32")
     model = LlamaForCausalLM(hf_cfg).to(torch.float32).train()
     n_params = sum(p.numel() for p in model.parameters())
+    forward = torch.compile(model) if compiled else model
 
     # Same weight-decay mask as danlu's defaults: matrices decay; norms, biases and the token
     # embedding do not (optimizer.decay_norms/decay_biases/decay_embeddings = false).
@@ -151,7 +154,7 @@ def run_torch(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs).logits  # [batch, seq, vocab]
+        logits = forward(input_ids=inputs).logits  # [batch, seq, vocab]
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         loss.backward()
         if o.clip_norm > 0:
@@ -228,7 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=0, help="sequences per step for every shape; 0: auto, ~1 s steps")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--sides", default="danlu,torch", help="which sides to run")
+    p.add_argument("--sides", default="danlu,torch,torch_compile",
+                   help="which sides to run: danlu, torch (eager), torch_compile (torch.compile of the same model)")
     p.add_argument("--quick", action="store_true", help="smoke test: 256x4, batch 4, 3 timed steps")
     p.add_argument("--danlu", default=DANLU_CPU,
                    help=f"danlu config overrides, space-separated; the model's math is unchanged by them "
@@ -239,7 +243,8 @@ def main(argv=None) -> None:
 
     if args._worker:  # a child: run one side on one shape, print one JSON line
         args.d_model, args.n_layers, args.batch_size = int(args._d), int(args._n), int(args._b)
-        result = {"danlu": run_danlu, "torch": run_torch}[args._worker](args)
+        result = {"danlu": run_danlu, "torch": run_torch,
+                  "torch_compile": lambda a: run_torch(a, compiled=True)}[args._worker](args)
         print(json.dumps(result))
         return
 
@@ -270,7 +275,7 @@ def main(argv=None) -> None:
                          "tokens_per_sec": tps, "mfu": mfu(tps, fpt, r["n_devices"], peak),
                          "first_step_s": r["first_step_s"], "loss_first": r["losses"][0],
                          "loss_last": r["losses"][-1], "other_cpu_cores": r["other_cpu_cores"]}
-            if side == "torch" and r["n_params"] != row["params"]:
+            if side.startswith("torch") and r["n_params"] != row["params"]:
                 print(f"# warning: torch model has {r['n_params']} parameters, danlu {row['params']}", flush=True)
             busy = r["other_cpu_cores"]
             print(f"# {row['shape']} {side}: {step_s:.3f} s/step, {tps:,.0f} tok/s, "
@@ -278,14 +283,18 @@ def main(argv=None) -> None:
                   + ("  <-- CONTAMINATED, rerun on a quiet machine" if busy > 0.1 * info["cores"] else ""), flush=True)
         if "danlu" in row and "torch" in row:
             row["ratio"] = row["danlu"]["tokens_per_sec"] / row["torch"]["tokens_per_sec"]
+        if "danlu" in row and "torch_compile" in row:
+            row["ratio_compile"] = row["danlu"]["tokens_per_sec"] / row["torch_compile"]["tokens_per_sec"]
         rows.append(row)
 
     print()
     head = f"{'shape':>7} {'params':>7} {'batch':>5} {'GFLOP/tok':>9}"
     for side in sides:
         head += f" {side + ' tok/s':>12} {side + ' MFU':>10}"
-    if len(sides) == 2:
+    if "danlu" in sides and "torch" in sides:
         head += f" {'danlu/torch':>11}"
+    if "danlu" in sides and "torch_compile" in sides:
+        head += f" {'danlu/compiled':>14}"
     print(head + "  other busy cores")
     for row in rows:
         line = f"{row['shape']:>7} {row['params'] / 1e6:>6.1f}M {row['batch']:>5} {row['flops_per_token'] / 1e9:>9.3f}"
@@ -293,6 +302,8 @@ def main(argv=None) -> None:
             line += f" {row[side]['tokens_per_sec']:>12,.0f} {row[side]['mfu']:>10.1%}"
         if "ratio" in row:
             line += f" {row['ratio']:>10.2f}x"
+        if "ratio_compile" in row:
+            line += f" {row['ratio_compile']:>13.2f}x"
         print(line + "  " + "/".join(f"{row[side]['other_cpu_cores']:.2f}" for side in sides))
     print(json.dumps({"bench": "train_throughput", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                       "danlu_overrides": args.danlu,
