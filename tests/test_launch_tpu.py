@@ -378,10 +378,12 @@ def test_gcsfuse_script_installs_and_mounts_once(tmp_path, monkeypatch):
 
     assert subprocess.run(["bash", "-c", script], env=env).returncode == 0
     mount = tmp_path / "gcs" / "my-lm-bucket"
-    assert log.read_text().splitlines() == [
+    lines = log.read_text().splitlines()
+    # `curl KEY | sudo tee FILE`: the two ends of a pipeline run at once and log in either order
+    assert sorted(lines[1:3]) == ["curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg",
+                                  "sudo tee /usr/share/keyrings/cloud.google.asc"]
+    assert lines[:1] + lines[3:] == [
         "sudo tee /etc/apt/sources.list.d/gcsfuse.list",
-        "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg",
-        "sudo tee /usr/share/keyrings/cloud.google.asc",
         "sudo apt-get -o DPkg::Lock::Timeout=600 update -qq",
         "sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse",
         "gcsfuse -o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1 "
