@@ -24,9 +24,9 @@ exact and free, and the union of P processes' batches is the 1-process batch.
 Everything is index-addressed (grain MapDataset), so `start_step` costs nothing and the
 iterator's state is just the step.
 
-Where. `data.path` is a local directory or a URL. manifest.json and the `.lengths.npy`
-sidecars are read through danlu.base.fs (fsspec: any URL); the ArrayRecord shards need
-POSIX files, so a URL is read from the local directory it is mounted on
+Where. `data.path` is a local directory or a URL. manifest.json is read through
+danlu.base.fs (fsspec: any URL); the ArrayRecord shards need POSIX files, so they and
+their `.lengths.npy` sidecars are read from the local directory a URL is mounted on
 ($DANLU_MOUNTS="gs://bucket/shards=/mount/dir/shards", set by `danlu launch tpu run`
 after `setup` mounted the bucket with gcsfuse on every worker; a mapped URL's manifest
 and sidecars are read there too). A URL that is not mounted is refused (`shard_dir`).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -144,27 +143,27 @@ class _Documents:
     """Random access to the documents of one split: token ids by document index.
 
     Document index = position in the split's shards, in manifest order. Lengths come
-    from the `.lengths.npy` sidecars, read through danlu.base.fs (or, if a shard has
-    none, from reading it once). The shards are opened from `shard_dir(path)` (the
-    mount of a URL). Picklable (grain worker processes), readers reopen lazily.
+    from the `.lengths.npy` sidecars (or, if a shard has none, from reading it once).
+    Shards and sidecars are opened from `shard_dir(path)` (the mount of a URL).
+    Picklable (grain worker processes), readers reopen lazily.
     """
 
     def __init__(self, path: str, manifest: dict, split: str):
         self.path = path
         self.split = split
-        root, local = fs.mounted(path), shard_dir(path)
+        local = shard_dir(path)
         shards = [sh for sh in manifest["shards"] if sh["split"] == split and sh["documents"] > 0]
         self.files = [os.path.join(local, sh["path"]) for sh in shards]
         lengths = []
         for sh, file in zip(shards, self.files):
-            lengths.append(self._shard_lengths(sh, root, file))
+            lengths.append(self._shard_lengths(sh, local, file))
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self._source = None
 
-    def _shard_lengths(self, shard: dict, root: str, file: str) -> np.ndarray:
-        side = shard.get("lengths") and os.path.join(root, shard["lengths"])
-        if side and fs.isfile(side):
-            lengths = np.load(io.BytesIO(_read(side)))
+    def _shard_lengths(self, shard: dict, local: str, file: str) -> np.ndarray:
+        side = shard.get("lengths") and os.path.join(local, shard["lengths"])
+        if side and os.path.isfile(side):
+            lengths = np.load(side)
         else:
             log.warning("%s: no lengths sidecar; reading every record to count tokens", file)
             src = grain.sources.ArrayRecordDataSource([file])

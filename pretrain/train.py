@@ -439,9 +439,7 @@ class StepTrace:
         self.active, self.done = False, True
         target = _in_run(self.run_dir, "profile")
         if fs.local_path(target) is None:
-            import fsspec
-            filesystem, path = fsspec.core.url_to_fs(target)
-            filesystem.put(self.local, path, recursive=True)
+            fs.put_dir(self.local, target)
         self.log(f"profile of steps {self.begin + 1}-{self.begin + self.steps} written to {target}")
 
 

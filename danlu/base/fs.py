@@ -300,6 +300,12 @@ def rewrite(path: str, data: bytes) -> None:
     os.replace(tmp, local)
 
 
+def put_dir(local: str, url: str) -> None:
+    """Copies a local directory tree to a URL (fsspec), e.g. a trace written locally into a remote run directory."""
+    filesystem, path = fsspec.core.url_to_fs(url)
+    filesystem.put(local, path, recursive=True)
+
+
 def dumps_line(obj: Any) -> str:
     """One JSONL line (with trailing newline); non-ASCII kept as UTF-8, key order kept."""
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")) + "\n"
