@@ -11,6 +11,9 @@ parameters (scan and unrolled are compared on identical weights in the tests).
 Inference runs the same modules with a :class:`KVCache`: ``model(tokens, positions, cache=cache)``
 writes the new tokens' keys and values into the cache and attends over it, so prefill and
 one-token decode steps share every projection, norm, RoPE and MLP with training.
+
+The embedding, attention, MLP and norms run under ``jax.named_scope``s of those names, so their
+XLA ops say where they come from in a profile (docs/training.md, "Profiling").
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Norm(nnx.Module):
         # GPT-2's LayerNorm has a bias; with use_bias off LayerNorm is scale-only (as in OLMo).
         self.bias = _const((dim,), (axis_name,), 0.0, dtype) if cfg.norm == "layernorm" and cfg.use_bias else None
 
+    @jax.named_scope("norm")
     def __call__(self, x):
         dtype = x.dtype
         x = x.astype(jnp.float32)
@@ -181,6 +185,7 @@ class Attention(nnx.Module):
             self.q_norm = Norm(h, cfg)
             self.k_norm = Norm(h, cfg)
 
+    @jax.named_scope("attention")
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache: KVCache | None = None, layer=None):
         """[B, T, D] -> ([B, T, D], cache). With a cache (inference) the new keys and values go into
         slots [cache.end, cache.end + T) of layer ``layer`` and the queries attend over the cache with
@@ -246,6 +251,7 @@ class Mlp(nnx.Module):
             self.up_bias = _const((f,), ("mlp",), 0.0, dtype)
             self.down_bias = _const((d,), ("norm",), 0.0, dtype)
 
+    @jax.named_scope("mlp")
     def __call__(self, x_BxTxD):
         cdt = x_BxTxD.dtype
         up_BxTxF = dense(x_BxTxD, self.up[...].astype(cdt))
@@ -330,10 +336,11 @@ class Decoder(nnx.Module):
             positions_BxT = jnp.broadcast_to(start + jnp.arange(t), inputs_BxT.shape)
         # Gather from the whole table (an explicit all-gather, as FSDP does for every weight):
         # XLA cannot partition a gather on a sharded table efficiently.
-        table_VxD = shard(self.embed[...], (None, None))
-        x_BxTxD = jnp.take(table_VxD, inputs_BxT, axis=0).astype(cdt)
-        if cfg.position == "learned":
-            x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(cdt)
+        with jax.named_scope("embed"):
+            table_VxD = shard(self.embed[...], (None, None))
+            x_BxTxD = jnp.take(table_VxD, inputs_BxT, axis=0).astype(cdt)
+            if cfg.position == "learned":
+                x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(cdt)
         x_BxTxD = shard(x_BxTxD, ("batch", "length", "act_embed"))
 
         block_def, block_state = nnx.split(self.blocks)

@@ -93,13 +93,14 @@ def loss_sums(model: Decoder, batch: dict, cfg: Config) -> tuple[jax.Array, jax.
     hidden_BxTxD = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     weights_BxT = batch["segment_ids"] > 0  # segment 0 is padding
     n = jnp.sum(weights_BxT).astype(jnp.float32)
-    if cfg.train.loss_chunks:
-        total, ce, z = fused_cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
-                                           cfg.train.z_loss, cfg.train.loss_chunks)
-        return total, ce, z, n
-    ce, z = cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
-                          vocab_chunk=cfg.train.vocab_chunk)
-    return ce + cfg.train.z_loss * z, ce, z, n
+    with jax.named_scope("loss"):  # the output layer and cross-entropy, by this name in profiles
+        if cfg.train.loss_chunks:
+            total, ce, z = fused_cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
+                                               cfg.train.z_loss, cfg.train.loss_chunks)
+            return total, ce, z, n
+        ce, z = cross_entropy(hidden_BxTxD, model.unembedding(), batch["targets"], weights_BxT,
+                              vocab_chunk=cfg.train.vocab_chunk)
+        return ce + cfg.train.z_loss * z, ce, z, n
 
 
 def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, param_sharding=None):
@@ -130,9 +131,10 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
             if param_sharding is not None:
                 zeros = jax.lax.with_sharding_constraint(zeros, param_sharding)
             (grads, ce, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), mbs)
-        loss, grad_norm = ce / n_tokens, optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            loss, grad_norm = ce / n_tokens, optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
 
         # Guard rail: a non-finite step, or a loss above spike_factor x the running median, is
         # not applied (parameters and optimizer state stay as they were) and is reported.
@@ -146,8 +148,9 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
         metrics = {"loss": loss, "z_loss": z / n_tokens, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "tokens": n_tokens, "skipped": (~ok).astype(jnp.float32), "spike": spike.astype(jnp.float32),
                    "loss_median": median}
-        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), loss_history=history)
+        with jax.named_scope("optimizer"):
+            new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                                   opt_state=keep(opt_state, state.opt_state), loss_history=history)
         return new_state, metrics
 
     return train_step

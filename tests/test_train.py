@@ -174,3 +174,20 @@ def test_kernels_and_fused_loss_equal_the_plain_path_under_a_mesh(variant):
     np.testing.assert_allclose(other, xla, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(xla_params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [[], ["train.loss_chunks=4", "model.attention=blocked", "model.remat=save_dots"]],
+                         ids=["plain", "cpu-settings"])
+def test_profiles_name_the_parts_of_the_step(variant):
+    """Every part of the model and the update carries its jax.named_scope into the compiled step's op
+    names, forward and backward, so a profile (and bench/train_profile.py) can say where time goes."""
+    import re
+
+    built = _built(tuple(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"] + variant), 1)
+    state = jax.tree.map(lambda x: x.copy(), built.state)
+    hlo = built.train_step.lower(state, jax.device_put(batch(), built.batch_sharding)).compile().as_text()
+    names = re.findall(r'op_name="([^"]*)"', hlo)
+    for part in ("embed", "attention", "mlp", "norm", "loss", "optimizer"):
+        assert any(f"({part})" in n or f"/{part}/" in n for n in names), part
+    assert any("transpose(" in n and "attention" in n for n in names)  # the backward pass keeps the names
+    assert any("transpose(" in n and "mlp" in n for n in names)
