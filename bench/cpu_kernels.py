@@ -65,35 +65,31 @@ def operands(tokens: int, d_in: int, d_out: int, form: str, seed: int = 0):
 
 # --- workers: each runs in its own process ----------------------------------------------------
 
+FORMS = {"NN": lambda a, b: a @ b, "NT": lambda a, b: a @ b.T, "TN": lambda a, b: a.T @ b}
+
+
 def work_matmul(backend: str, reps: int) -> dict:
-    out = {}
+    """GFLOP/s of every matmul of MATMULS in each form of FORMS."""
     if backend.startswith("xla"):
         import jax
         import jax.numpy as jnp
 
-        forms = {"NN": lambda a, b: a @ b, "NT": lambda a, b: a @ b.T, "TN": lambda a, b: a.T @ b}
-        fns = {f: jax.jit(g) for f, g in forms.items()}
-        for m, k, n in MATMULS:
-            for form, f in fns.items():
-                a, b = map(jnp.asarray, operands(m, k, n, form))
-                out[f"{m}x{k}x{n} {form}"] = 2 * m * k * n / median_s(lambda: f(a, b).block_until_ready(), reps) / 1e9
+        fns = {form: jax.jit(f) for form, f in FORMS.items()}
+        prepare, run = jnp.asarray, lambda form, a, b: fns[form](a, b).block_until_ready()
     elif backend == "torch":
         import torch
 
         torch.set_num_threads(os.cpu_count())
-        forms = {"NN": lambda a, b: a @ b, "NT": lambda a, b: a @ b.T, "TN": lambda a, b: a.T @ b}
-        with torch.no_grad():
-            for m, k, n in MATMULS:
-                for form, f in forms.items():
-                    a, b = (torch.from_numpy(x) for x in operands(m, k, n, form))
-                    out[f"{m}x{k}x{n} {form}"] = 2 * m * k * n / median_s(lambda: f(a, b), reps) / 1e9
+        torch.set_grad_enabled(False)
+        prepare, run = torch.from_numpy, lambda form, a, b: FORMS[form](a, b)
     else:  # numpy
-        forms = {"NN": lambda a, b: a @ b, "NT": lambda a, b: a @ b.T, "TN": lambda a, b: a.T @ b}
-        for m, k, n in MATMULS:
-            for form, f in forms.items():
-                a, b = operands(m, k, n, form)
-                out[f"{m}x{k}x{n} {form}"] = 2 * m * k * n / median_s(lambda: f(a, b), reps) / 1e9
-    return out  # GFLOP/s
+        prepare, run = (lambda x: x), lambda form, a, b: FORMS[form](a, b)
+    out = {}
+    for m, k, n in MATMULS:
+        for form in FORMS:
+            a, b = map(prepare, operands(m, k, n, form))
+            out[f"{m}x{k}x{n} {form}"] = 2 * m * k * n / median_s(lambda: run(form, a, b), reps) / 1e9
+    return out
 
 
 def work_attention(backend: str, reps: int) -> dict:

@@ -51,7 +51,12 @@ def op_table(hlo: str) -> dict[str, dict]:
         name, rest = m.group(1), m.group(2)
         op = re.search(r'op_name="([^"]*)"', rest)
         calls = re.search(r"calls=%([\w.\-]+)", rest)
-        flops = dot_flops(m.group(0)) if " dot(" in rest else dot_flops(bodies.get(calls.group(1), "")) if calls and "fusion(" in rest else 0
+        if " dot(" in rest:
+            flops = dot_flops(m.group(0))
+        elif calls and "fusion(" in rest:  # a library (YNNPACK, oneDNN) fusion around a dot, or a loop fusion
+            flops = dot_flops(bodies.get(calls.group(1), ""))
+        else:
+            flops = 0
         table[name] = {"op_name": op.group(1) if op else "", "flops": flops}
     return table
 
@@ -98,24 +103,16 @@ def rate_bins(per_op: dict, calls: dict, table: dict, steps: int) -> dict:
 def profile(args) -> dict:
     sys.path.insert(0, str(REPO))
     import jax
-    import numpy as np
 
-    from bench.train_throughput import DANLU_CPU, auto_batch, random_tokens, shape_overrides
+    from bench.train_throughput import auto_batch, danlu_step, shape_overrides
     from pretrain.config import load_config
     from pretrain.flops import cpu_peak_flops, flops_per_token
-    from pretrain.train import build
 
     d, _, n = args.shape.partition("x")
     d, n = int(d), int(n)
     model_cfg = load_config(None, shape_overrides(d, n, args.vocab, args.seq, 1)).model
     batch_size = args.batch or auto_batch(flops_per_token(model_cfg, args.seq)["total"], args.seq, cpu_peak_flops())
-    cfg = load_config(None, shape_overrides(d, n, args.vocab, args.seq, batch_size) + args.danlu.split())
-    built = build(cfg)
-    tokens = random_tokens(batch_size, args.seq, args.vocab)
-    batch = jax.device_put({
-        "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch_size, args.seq), np.int32),
-        "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (batch_size, args.seq)).copy()},
-        built.batch_sharding)
+    built, batch = danlu_step(d, n, batch_size, args.vocab, args.seq, args.danlu)
     state = built.state
     for _ in range(3):
         state, metrics = built.train_step(state, batch)

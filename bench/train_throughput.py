@@ -78,23 +78,29 @@ def time_steps(step, warmup: int, steps: int) -> dict:
 
 # --- danlu side --------------------------------------------------------------------------------
 
-def run_danlu(args) -> dict:
+def danlu_step(d_model: int, n_layers: int, batch_size: int, vocab: int, seq: int, overrides: str):
+    """danlu's built train step for one benchmark shape and its fixed batch, already on device."""
     import jax
     import numpy as np
 
     from pretrain.config import load_config
     from pretrain.train import build
 
-    cfg = load_config(None, shape_overrides(args.d_model, args.n_layers, args.vocab, args.seq, args.batch_size)
-                      + args.danlu.split())
+    cfg = load_config(None, shape_overrides(d_model, n_layers, vocab, seq, batch_size) + overrides.split())
     built = build(cfg)
-    tokens = random_tokens(args.batch_size, args.seq, args.vocab)
+    tokens = random_tokens(batch_size, seq, vocab)
     batch = {
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-        "segment_ids": np.ones((args.batch_size, args.seq), np.int32),
-        "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch_size, args.seq)).copy(),
+        "segment_ids": np.ones((batch_size, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch_size, seq)).copy(),
     }
-    batch = jax.device_put(batch, built.batch_sharding)
+    return built, jax.device_put(batch, built.batch_sharding)
+
+
+def run_danlu(args) -> dict:
+    import jax
+
+    built, batch = danlu_step(args.d_model, args.n_layers, args.batch_size, args.vocab, args.seq, args.danlu)
     state = built.state
 
     def step():

@@ -136,19 +136,18 @@ def make_train_step(cfg: Config, graphdef, abstract_state, optimizer, schedule, 
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
 
-        # Guard rail: a non-finite step, or a loss above spike_factor x the running median, is
-        # not applied (parameters and optimizer state stay as they were) and is reported.
-        history = state.loss_history
-        median = jnp.nanmedian(history)
-        filled = jnp.sum(~jnp.isnan(history))
-        spike = (t.spike_factor > 0) & (filled >= history.shape[0] // 2) & (loss > t.spike_factor * median)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        history = jnp.where(ok, jnp.roll(history, 1).at[0].set(loss), history)
-        metrics = {"loss": loss, "z_loss": z / n_tokens, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "tokens": n_tokens, "skipped": (~ok).astype(jnp.float32), "spike": spike.astype(jnp.float32),
-                   "loss_median": median}
-        with jax.named_scope("optimizer"):
+            # Guard rail: a non-finite step, or a loss above spike_factor x the running median, is
+            # not applied (parameters and optimizer state stay as they were) and is reported.
+            history = state.loss_history
+            median = jnp.nanmedian(history)
+            filled = jnp.sum(~jnp.isnan(history))
+            spike = (t.spike_factor > 0) & (filled >= history.shape[0] // 2) & (loss > t.spike_factor * median)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            history = jnp.where(ok, jnp.roll(history, 1).at[0].set(loss), history)
+            metrics = {"loss": loss, "z_loss": z / n_tokens, "grad_norm": grad_norm, "lr": schedule(state.step),
+                       "tokens": n_tokens, "skipped": (~ok).astype(jnp.float32), "spike": spike.astype(jnp.float32),
+                       "loss_median": median}
             new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                    opt_state=keep(opt_state, state.opt_state), loss_history=history)
         return new_state, metrics
